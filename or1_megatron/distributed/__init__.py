@@ -1,0 +1,1 @@
+"""Process launching and process-group set-up shared by the trainer, tools and tests."""
