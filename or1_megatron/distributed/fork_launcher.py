@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -46,7 +47,9 @@ def _rank_main(fn, rank: int, world_size: int, port: int, args: tuple, results: 
         finally:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
-        results.put((rank, True, value))
+        # Plain pickle copies tensors by value; the queue's own pickler would pass file
+        # descriptors that die with this process.
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException:  # report everything, including SystemExit, to the parent
         results.put((rank, False, traceback.format_exc()))
 
@@ -84,7 +87,7 @@ def run_forked(
                     raise RankFailed(f"ranks did not finish within {timeout_s:.0f}s") from None
                 continue
             if ok:
-                collected[rank] = value
+                collected[rank] = pickle.loads(value)
             else:
                 # The other ranks are probably blocked in a collective with this one: stop now.
                 errors.append(f"rank {rank} failed:\n{value}")

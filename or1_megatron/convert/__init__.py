@@ -1,0 +1,1 @@
+"""Hugging Face <-> Megatron parameter mappings, shared by the offline converter and the weight sync."""

@@ -1,0 +1,126 @@
+"""Patches that let megatron-core 0.16 train on CPU with gloo; applied only when CUDA is absent.
+
+megatron-core assumes a GPU in a handful of places. Each patch below fixes one of them, and
+`apply_cpu_patches()` must run in every rank before the model is built. On a machine with CUDA
+it does nothing, so GPU runs always execute megatron's own code. This module must never change
+numerics: it only redirects devices, RNG state and type strings.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+_APPLIED = False
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Maps hard-coded `device="cuda"` (causal masks, schedules' token counters) to the CPU,
+    makes `Tensor.cuda()` a no-op, and reports CPU float tensors under their CUDA type names
+    for the optimizer's and grad-clip's `param.type() == 'torch.cuda.FloatTensor'` asserts."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs = dict(kwargs, device="cpu")
+        if func in (torch.Tensor.to,) and args and _is_cuda_device(args[1] if len(args) > 1 else None):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _CpuRNGStatesTracker:
+    """Stands in for megatron's CudaRNGStatesTracker: named CPU generator states that `fork()`
+    swaps in and out, so model-parallel regions draw from their own stream as on GPUs."""
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def reset(self) -> None:
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = states
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise RuntimeError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise RuntimeError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        original = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(original)
+
+    def fork(self, name: str = "model-parallel-rng"):
+        tracker = self
+
+        class _Fork:
+            def __enter__(self_inner):
+                if name not in tracker.states_:
+                    raise RuntimeError(f"rng state {name} is not added")
+                self_inner.original = torch.get_rng_state()
+                torch.set_rng_state(tracker.states_[name])
+
+            def __exit__(self_inner, *exc):
+                tracker.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(self_inner.original)
+                return False
+
+        return _Fork()
+
+
+def apply_cpu_patches() -> bool:
+    """Apply every CPU patch once per process. Returns True if patches are in force."""
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    # RNG: megatron's tracker and recompute save/restore CUDA generator state.
+    mcore_random.CudaRNGStatesTracker = _CpuRNGStatesTracker
+    mcore_random._CUDA_RNG_STATE_TRACKER = _CpuRNGStatesTracker()
+    mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    # Devices: tensors created on torch.cuda.current_device() land on the CPU.
+    torch.cuda.current_device = lambda: "cpu"
+    # p2p (batch_p2p_sync) and variable sequence lengths synchronize the device.
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.manual_seed = lambda *a, **k: None
+    torch.cuda.manual_seed_all = lambda *a, **k: None
+
+    # Hard-coded device="cuda", Tensor.cuda() and Tensor.type() strings.
+    _CudaToCpuMode().__enter__()
+    _APPLIED = True
+    logger.info("megatron-core CPU patches applied (no CUDA device found)")
+    return True

@@ -1,0 +1,237 @@
+"""Builds the Qwen2 policy as a Megatron-core GPTModel from a Hugging Face architecture.
+
+Two layer implementations build the same model with the same checkpoint keys:
+- "te": transformer-engine's spec (fused norm+linear, flash attention), used on GPUs;
+- "local": megatron's own modules with a Qwen2 RMSNorm and a packed-sequence attention, which is
+  what runs on CPU (TE cannot be installed there) and is the numerical reference.
+The model's last pipeline stage returns final hidden states, not logits: log-probabilities and
+entropy come from the fused kernel over the output weight, so no [tokens, vocab] logits exist.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+
+from or1_megatron.config.schema import ModelConfig, ParallelConfig
+from or1_megatron.convert.hf_config import Qwen2Arch
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    """Vocabulary rows of the embedding and output layer.
+
+    Unlike Megatron-LM (multiple of divisible_by x TP), the padding does not depend on TP when TP
+    divides `divisible_by`, so a checkpoint saved at TP2 loads at TP1 with the same shapes.
+    """
+    multiple = math.lcm(divisible_by, tensor_parallel)
+    return -(-vocab_size // multiple) * multiple
+
+
+def use_transformer_engine(model_cfg: ModelConfig) -> bool:
+    if model_cfg.layer_spec == "local":
+        return False
+    has_te = torch.cuda.is_available() and _te_importable()
+    if model_cfg.layer_spec == "te" and not has_te:
+        raise RuntimeError(
+            "model.layer_spec=te needs a CUDA GPU with transformer-engine installed; "
+            "use model.layer_spec=local (or auto) on this machine"
+        )
+    return has_te
+
+
+def _te_importable() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transformer_config(arch: Qwen2Arch, model_cfg: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
+    """Megatron TransformerConfig for a Qwen2 decoder (bias on q/k/v only, SwiGLU, RMSNorm, GQA)."""
+    dtype = torch.bfloat16 if model_cfg.dtype == "bf16" else torch.float32
+    on_gpu = torch.cuda.is_available()
+    recompute = (
+        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        if model_cfg.recompute
+        else {}
+    )
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_key_value_heads,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        init_method_std=0.02,
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        context_parallel_size=parallel.context_parallel,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        # Fusions need CUDA kernels (apex/TE); off on CPU, megatron's defaults on GPUs.
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        # Packed micro-batches differ in length: p2p exchanges shapes first.
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",
+        batch_p2p_sync=on_gpu,
+        **recompute,
+    )
+
+
+class Qwen2RMSNorm(torch.nn.Module):
+    """Qwen2's RMSNorm exactly as Hugging Face computes it (fp32 statistics, cast, then scale).
+
+    Marks its weight `sequence_parallel` so megatron all-reduces its gradient over TP when
+    sequence parallelism splits the tokens (torch's own norm wrapper refuses SP altogether).
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **_unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        dtype = hidden.dtype
+        h = hidden.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class PackedCoreAttention(MegatronModule):
+    """Causal attention over packed sequences ('thd' layout) for the local, non-TE spec.
+
+    Megatron's own DotProductAttention rejects packed sequences; rotary embeddings are already
+    applied per sequence by SelfAttention from `cu_seqlens`, so here each sequence attends
+    causally within itself only.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("context parallelism needs transformer-engine attention (GPUs only)")
+        tp = config.tensor_model_parallel_size
+        self.heads = config.num_attention_heads // tp
+        self.groups = config.num_query_groups // tp
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+            raise ValueError("PackedCoreAttention needs packed_seq_params with qkv_format='thd'")
+        # query [t, heads, d]; key/value [t, groups, d]
+        repeat = self.heads // self.groups
+        if repeat > 1:
+            key = key.repeat_interleave(repeat, dim=1)
+            value = value.repeat_interleave(repeat, dim=1)
+        q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # [heads, t, d]
+        out = torch.empty_like(q)
+        bounds = packed_seq_params.cu_seqlens_q.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end > start:
+                out[:, start:end] = F.scaled_dot_product_attention(
+                    q[:, start:end], k[:, start:end], v[:, start:end],
+                    is_causal=True, scale=self.softmax_scale,
+                )
+        return out.transpose(0, 1).reshape(query.shape[0], -1)
+
+
+def layer_spec(config: TransformerConfig, use_te: bool, pp_rank: Optional[int] = None):
+    """The transformer block spec for this rank's pipeline stage."""
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    norm = ModuleSpec(module=Qwen2RMSNorm)
+    spec.submodules.input_layernorm = norm
+    spec.submodules.pre_mlp_layernorm = norm
+    spec.submodules.self_attention.submodules.core_attention = PackedCoreAttention
+    num_layers = get_num_layers_to_build(config, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=Qwen2RMSNorm)
+
+
+class PolicyGPTModel(GPTModel):
+    """GPTModel whose last stage returns the final (normed) hidden states [t, 1, h].
+
+    The policy turns them into log-probabilities with the fused kernel over `output_weight()`,
+    never materialising logits.
+    """
+
+    def _postprocess(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+    def output_weight(self) -> torch.Tensor:
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
+
+
+def build_policy_model(
+    arch: Qwen2Arch,
+    model_cfg: ModelConfig,
+    parallel: ParallelConfig,
+    *,
+    pre_process: bool,
+    post_process: bool,
+    pp_rank: Optional[int] = None,
+) -> PolicyGPTModel:
+    """Build this rank's stage of the policy (random init; load weights separately)."""
+    config = transformer_config(arch, model_cfg, parallel)
+    use_te = use_transformer_engine(model_cfg)
+    return PolicyGPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config, use_te, pp_rank),
+        vocab_size=padded_vocab_size(
+            arch.vocab_size, model_cfg.make_vocab_size_divisible_by, parallel.tensor_parallel
+        ),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_theta),
+        rotary_percent=1.0,
+    )
