@@ -66,7 +66,7 @@ def run_forked(
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, args, results), daemon=True)
+        ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, args, results))
         for rank in range(world_size)
     ]
     for proc in procs:

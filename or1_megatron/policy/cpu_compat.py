@@ -96,6 +96,30 @@ class _CpuRNGStatesTracker:
         return _Fork()
 
 
+def _patch_torch_adam_checkpoint_load() -> None:
+    """Fix two faults of megatron's distributed optimizer around torch's AdamW (used when apex
+    and TE are absent) when it loads a reshardable checkpoint:
+    - the per-parameter `step` is not in the checkpoint's parameter state (megatron restores it
+      from the param groups first), so copying the state raised KeyError 'step';
+    - that restored `step` is ONE tensor shared by every parameter, and AdamW's foreach update
+      increments it once per parameter, so the next step used a wildly wrong bias correction.
+    Each parameter gets its own copy of the restored step."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states_with_own_step(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state[main_param]
+        if "step" in state:
+            state["step"] = state["step"].detach().clone()
+            tensors = {**tensors, "step": tensors.get("step", state["step"])}
+        return original(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states_with_own_step
+
+
 def apply_cpu_patches() -> bool:
     """Apply every CPU patch once per process. Returns True if patches are in force."""
     global _APPLIED
@@ -118,6 +142,8 @@ def apply_cpu_patches() -> bool:
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.manual_seed = lambda *a, **k: None
     torch.cuda.manual_seed_all = lambda *a, **k: None
+
+    _patch_torch_adam_checkpoint_load()
 
     # Hard-coded device="cuda", Tensor.cuda() and Tensor.type() strings.
     _CudaToCpuMode().__enter__()

@@ -1,0 +1,141 @@
+"""Code reward: run the last ```python block of a response against all tests; binary.
+
+Owns code extraction, output comparison for stdin tests and the verdict rule (every test passes
+-> 1.0). Execution is the sandbox's job (sandbox.py; sandbox_harness.py inside it); this module
+never runs model code any other way.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from or1_megatron.rewards.code_tests import CodeTests, GroundTruthError, parse_code_tests
+from or1_megatron.rewards.config import RewardConfig
+from or1_megatron.rewards.response import graded_text
+from or1_megatron.rewards.sandbox import Sandbox, check_sandbox
+
+logger = logging.getLogger(__name__)
+
+HARNESS_SOURCE = (Path(__file__).with_name("sandbox_harness.py")).read_text(encoding="utf-8")
+_CODE_BLOCK = re.compile(r"```python[ \t]*\n(.*?)```", re.DOTALL)
+# Margin for interpreter start-up on top of the per-test limits of a harness run.
+_STARTUP_S = 5.0
+
+_sandboxes: dict[str, Sandbox] = {}
+
+
+def extract_code(text: str) -> str | None:
+    """The last ```python fenced block of `text`, or None."""
+    blocks = _CODE_BLOCK.findall(text)
+    return blocks[-1] if blocks else None
+
+
+def sandbox_for(config: RewardConfig) -> Sandbox:
+    """One checked sandbox per process and sandbox config (the check runs a probe program once)."""
+    key = repr(config.sandbox)
+    if key not in _sandboxes:
+        sandbox = Sandbox(config.sandbox)
+        check_sandbox(sandbox)
+        _sandboxes[key] = sandbox
+    return _sandboxes[key]
+
+
+def outputs_match(got: str, want: Any) -> bool:
+    """stdout comparison: lines with trailing blanks dropped, else token-wise with float tolerance."""
+    want = want if isinstance(want, str) else "\n".join(map(str, want)) if isinstance(want, list) else str(want)
+    got_lines = [line.rstrip() for line in got.strip().splitlines()]
+    want_lines = [line.rstrip() for line in want.strip().splitlines()]
+    if got_lines == want_lines:
+        return True
+    got_tokens, want_tokens = got.split(), want.split()
+    if len(got_tokens) != len(want_tokens):
+        return False
+    for g, w in zip(got_tokens, want_tokens):
+        if g == w:
+            continue
+        try:
+            if not math.isclose(float(g), float(w), rel_tol=1e-6, abs_tol=1e-6):
+                return False
+        except ValueError:
+            return False
+    return True
+
+
+def _run_stdin_tests(sandbox: Sandbox, code: str, tests: CodeTests, config: RewardConfig) -> bool:
+    deadline = time.monotonic() + config.code_total_timeout_s
+    for index, (case_input, case_output) in enumerate(zip(tests.inputs, tests.outputs)):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        stdin = case_input if isinstance(case_input, str) else "\n".join(map(str, case_input))
+        result = sandbox.run_python(code, stdin=stdin,
+                                    time_limit_s=min(config.code_test_timeout_s, remaining))
+        if not result.ok or not outputs_match(result.stdout, case_output):
+            logger.debug("stdin test %d failed: rc=%s timed_out=%s", index, result.returncode,
+                         result.timed_out)
+            return False
+    return True
+
+
+def _harness_spec(code: str, tests: CodeTests, per_test_s: float) -> dict[str, Any]:
+    spec: dict[str, Any] = {"mode": tests.kind, "solution": code, "prefix": tests.import_prefix,
+                            "per_test_s": per_test_s}
+    if tests.kind == "functional":
+        spec.update(fn_name=tests.fn_name, inputs=tests.inputs, outputs=tests.outputs)
+    elif tests.kind == "assert":
+        spec.update(test_code=tests.test_code, entry_point=tests.entry_point)
+    else:
+        spec.update(assert_case=tests.assert_case)
+    return spec
+
+
+def _run_harness_tests(sandbox: Sandbox, code: str, tests: CodeTests, config: RewardConfig) -> bool:
+    secret = secrets.token_hex(16)
+    spec = _harness_spec(code, tests, config.code_test_timeout_s)
+    spec["secret"] = secret
+    result = sandbox.run_python(HARNESS_SOURCE, stdin=json.dumps(spec),
+                                time_limit_s=config.code_total_timeout_s + _STARTUP_S)
+    for line in result.stdout.splitlines():
+        if line.startswith(secret + " "):
+            verdict = json.loads(line[len(secret) + 1:])
+            if verdict["detail"]:
+                logger.debug("harness: %s", verdict["detail"])
+            return verdict["total"] > 0 and verdict["passed"] == verdict["total"]
+    logger.debug("harness gave no verdict: rc=%s timed_out=%s stderr=%s", result.returncode,
+                 result.timed_out, result.stderr[-500:])
+    return False
+
+
+def run_code_tests(code: str, tests: CodeTests, config: RewardConfig | None = None) -> bool:
+    """True when `code` passes every test (stdin tests: one sandboxed run each)."""
+    config = config or RewardConfig()
+    sandbox = sandbox_for(config)
+    if tests.kind == "stdin":
+        return _run_stdin_tests(sandbox, code, tests, config)
+    return _run_harness_tests(sandbox, code, tests, config)
+
+
+def code_score(solution_str: str, ground_truth: Any, extra_info: dict[str, Any] | None = None,
+               config: RewardConfig | None = None) -> float:
+    """1.0 when the last ```python block after `</think>` passes all tests, else 0.0.
+
+    A ground truth in no known schema raises `GroundTruthError`: a data bug, not a wrong answer.
+    """
+    config = config or RewardConfig()
+    text = graded_text(solution_str, extra_info, config.truncated_scores_zero)
+    if text is None:
+        return 0.0
+    code = extract_code(text)
+    if code is None:
+        return 0.0
+    tests = parse_code_tests(ground_truth)
+    return 1.0 if run_code_tests(code, tests, config) else 0.0
+
+
+__all__ = ["GroundTruthError", "code_score", "extract_code", "outputs_match", "run_code_tests"]

@@ -1,0 +1,306 @@
+"""Run one untrusted Python program with limits: the only place model-written code is executed.
+
+Owns process isolation and resource limits. It knows nothing about test formats or rewards
+(see code_reward.py) and must never run a program outside the isolation it reports.
+
+Isolation, from strong to weak (`SandboxConfig.backend`):
+- "bwrap": bubblewrap with a read-only view of /, a private /tmp, private /dev and /proc, no
+  network, its own PID namespace (the program is PID 1 via --as-pid-1, so killing it ends every
+  process it started) and --die-with-parent (a dead worker leaves nothing running).
+- "rlimits": the fallback when bwrap is missing: a new session, rlimits, a clean environment and,
+  for root, an unprivileged uid; the file system and network stay visible. It logs a warning.
+In both, when the caller is root the program runs as an unprivileged uid (process-count limits do
+nothing for root), under prlimit's CPU, address-space, process-count, file-size and open-file limits,
+with an environment built from scratch, stdin/stdout in files (so no pipe can deadlock) and stdout
+capped by the file-size limit.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from or1_megatron.errors import OR1Error
+
+logger = logging.getLogger(__name__)
+
+NOBODY_UID = 65534
+# Inside the sandbox: where the throwaway directory is mounted (on the private /tmp).
+WORK_DIR = "/tmp/sandbox"
+PROGRAM_PATH = "/tmp/program.py"
+
+
+class SandboxError(OR1Error):
+    """The sandbox cannot run programs as configured (missing tool, unusable interpreter)."""
+
+
+@dataclass
+class SandboxConfig:
+    """Limits and isolation for one program run. Times are seconds, sizes MiB."""
+
+    backend: str = "auto"  # "auto" (bwrap if installed, else rlimits with a warning), "bwrap", "rlimits"
+    python: str = sys.executable  # interpreter inside the sandbox; must provide the contest imports
+    memory_mb: int = 2048  # RLIMIT_AS per process
+    max_processes: int = 16  # RLIMIT_NPROC for the sandbox uid (threads count too)
+    max_output_mb: int = 16  # RLIMIT_FSIZE: caps stdout and any file the program writes
+    max_open_files: int = 256
+    uid: int = NOBODY_UID  # used only when the caller is root
+    tmp_root: str | None = None  # where throwaway directories are created (default: system temp)
+    extra_env: dict[str, str] = field(default_factory=dict)  # added to the clean environment
+
+
+@dataclass
+class RunResult:
+    """What one program run did. `stdout` is decoded leniently and capped by the file-size limit."""
+
+    returncode: int | None  # None when it was killed for time
+    stdout: str
+    stderr: str
+    timed_out: bool
+    wall_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+
+def resolve_backend(requested: str) -> str:
+    """The backend actually used: "bwrap" or "rlimits"; warns when the weak fallback is in force."""
+    if requested not in ("auto", "bwrap", "rlimits"):
+        raise SandboxError(f"sandbox backend must be auto, bwrap or rlimits, got {requested!r}")
+    has_bwrap = shutil.which("bwrap") is not None
+    if requested == "bwrap" and not has_bwrap:
+        raise SandboxError("sandbox backend 'bwrap' requested but bwrap is not installed "
+                           "(Debian: apt-get install -y bubblewrap)")
+    if requested == "rlimits" or not has_bwrap:
+        logger.warning(
+            "SANDBOX FALLBACK IN FORCE: running model code with rlimits only (%s); the file system "
+            "and network stay visible to it. Install bubblewrap for real isolation.",
+            "requested" if requested == "rlimits" else "bwrap not found",
+        )
+        return "rlimits"
+    return "bwrap"
+
+
+def _hidden_ancestor(path: Path) -> Path | None:
+    """The highest ancestor of `path` that other users cannot traverse (e.g. /root), if any."""
+    for parent in reversed(path.parents):
+        if parent != Path("/") and not os.stat(parent).st_mode & stat.S_IXOTH:
+            return parent
+    return None
+
+
+class Sandbox:
+    """Runs programs under one `SandboxConfig`. Cheap to build; holds no processes between runs."""
+
+    def __init__(self, config: SandboxConfig | None = None) -> None:
+        self.config = config or SandboxConfig()
+        self.backend = resolve_backend(self.config.backend)
+        self._as_root = os.geteuid() == 0
+        self._python_binds = self._interpreter_binds()
+        if self.backend == "rlimits" and self._as_root and self._python_binds:
+            # Without bwrap nothing can expose an interpreter under e.g. /root to the sandbox uid,
+            # and running model code as root is not an option.
+            raise SandboxError(
+                f"the rlimits fallback cannot run {self.config.python} as uid {self.config.uid}: it "
+                "lives under a directory other users cannot enter. Install bubblewrap, or set "
+                "SandboxConfig.python to an interpreter other users can run.")
+
+    # ---- command construction -------------------------------------------------------------
+    def _interpreter_binds(self) -> list[str]:
+        """bwrap args that make an interpreter installed under e.g. /root usable by the sandbox uid.
+
+        A pyenv Python lives in /root (mode 0700): the unprivileged uid cannot reach it, so the
+        hidden ancestor is replaced by an empty tmpfs and only the interpreter's prefixes are bound
+        back (this also hides the rest of root's home from the program).
+        """
+        python = Path(self.config.python)
+        # A venv's bin/python links to the base install: both prefixes must be reachable.
+        prefixes = {python.absolute().parent.parent, python.resolve().parent.parent}
+        hidden: dict[Path, list[Path]] = {}
+        for prefix in sorted(prefixes):
+            top = _hidden_ancestor(prefix)
+            if top is not None:
+                hidden.setdefault(top, []).append(prefix)
+        args: list[str] = []
+        for top, inner in hidden.items():
+            args += ["--perms", "0755", "--tmpfs", str(top)]
+            made = {top}
+            for prefix in inner:
+                # bwrap would create the directories in between as 0700: make them traversable.
+                for mid in reversed(prefix.parents):
+                    if mid not in made and top in mid.parents:
+                        args += ["--perms", "0755", "--dir", str(mid)]
+                        made.add(mid)
+                args += ["--ro-bind", str(prefix), str(prefix)]
+        return args
+
+    def _limits(self, time_limit_s: float) -> list[str]:
+        cfg = self.config
+        cpu = int(time_limit_s) + 1  # the wall-clock kill comes first; this stops a detached spinner
+        return ["prlimit", f"--cpu={cpu}", f"--as={cfg.memory_mb << 20}",
+                f"--nproc={cfg.max_processes}", f"--fsize={cfg.max_output_mb << 20}",
+                f"--nofile={cfg.max_open_files}", "--core=0", "--"]
+
+    def _drop_privileges(self) -> list[str]:
+        if not self._as_root:
+            return []
+        uid = str(self.config.uid)
+        return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                "--inh-caps=-all", "--bounding-set=-all", "--"]
+
+    def _environment(self) -> dict[str, str]:
+        # Built from nothing: no variable of the trainer (tokens, paths, secrets) reaches the program.
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "HOME": WORK_DIR,
+            "TMPDIR": WORK_DIR,
+            "PYTHONIOENCODING": "utf-8",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
+        env.update(self.config.extra_env)
+        return env
+
+    def _command(self, host_dir: Path, argv: list[str], time_limit_s: float) -> list[str]:
+        inner = self._drop_privileges() + self._limits(time_limit_s) + argv
+        if self.backend == "rlimits":
+            return inner
+        return [
+            "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+            "--tmpfs", "/tmp", *self._python_binds,
+            "--bind", str(host_dir / "work"), WORK_DIR,
+            "--ro-bind", str(host_dir / "program.py"), PROGRAM_PATH,
+            "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+            "--die-with-parent", "--as-pid-1", "--chdir", WORK_DIR,
+            *inner,
+        ]
+
+    # ---- running ---------------------------------------------------------------------------
+    def run_python(self, source: str, stdin: str | bytes = "", time_limit_s: float = 6.0,
+                   args: list[str] | None = None) -> RunResult:
+        """Run `source` as a Python script with `stdin`; killed with everything it started after
+        `time_limit_s` of wall time."""
+        host_dir = Path(tempfile.mkdtemp(prefix="or1-sandbox-", dir=self.config.tmp_root))
+        try:
+            return self._run_in(host_dir, source, stdin, time_limit_s, args or [])
+        finally:
+            self._cleanup(host_dir)
+
+    def _run_in(self, host_dir: Path, source: str, stdin: str | bytes, time_limit_s: float,
+                args: list[str]) -> RunResult:
+        work = host_dir / "work"
+        work.mkdir()
+        program = host_dir / "program.py"
+        program.write_text(source, encoding="utf-8")
+        stdin_path = host_dir / "stdin"
+        stdin_path.write_bytes(stdin.encode("utf-8") if isinstance(stdin, str) else stdin)
+        if self._as_root:
+            os.chown(work, self.config.uid, self.config.uid)
+        os.chmod(host_dir, 0o755)
+        os.chmod(program, 0o644)
+        script = PROGRAM_PATH if self.backend == "bwrap" else str(program)
+        cwd = None if self.backend == "bwrap" else str(work)
+        env = self._environment()
+        if self.backend == "rlimits":
+            env["HOME"] = env["TMPDIR"] = str(work)
+        argv = [self.config.python, "-I", script, *args]
+        cmd = self._command(host_dir, argv, time_limit_s)
+        with open(stdin_path, "rb") as fin, open(host_dir / "stdout", "wb") as fout, \
+                open(host_dir / "stderr", "wb") as ferr:
+            start = time.monotonic()
+            proc = subprocess.Popen(cmd, stdin=fin, stdout=fout, stderr=ferr, env=env, cwd=cwd,
+                                    start_new_session=True, close_fds=True)
+            timed_out = not _wait_for_exit(proc, time_limit_s)
+            returncode: int | None = None
+            if timed_out:
+                self._kill(proc)
+            else:
+                returncode = proc.wait()
+            wall = time.monotonic() - start
+        if self.backend == "rlimits":
+            self._kill_leftovers(proc)
+        cap = self.config.max_output_mb << 20
+        return RunResult(
+            returncode=returncode,
+            stdout=_read_capped(host_dir / "stdout", cap),
+            stderr=_read_capped(host_dir / "stderr", 64 << 10),
+            timed_out=timed_out,
+            wall_s=wall,
+        )
+
+    def _kill(self, proc: subprocess.Popen) -> None:
+        # The session holds bwrap and the namespace's PID 1; PID 1 dying ends the whole namespace.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+    def _kill_leftovers(self, proc: subprocess.Popen) -> None:
+        """Without a PID namespace, children that left the session survive: kill the whole uid."""
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self._as_root:
+            # kill(-1) as the sandbox uid reaches exactly the processes of that uid.
+            subprocess.run(["setpriv", f"--reuid={self.config.uid}", f"--regid={self.config.uid}",
+                            "--clear-groups", "kill", "-9", "-1"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+    def _cleanup(self, host_dir: Path) -> None:
+        shutil.rmtree(host_dir, ignore_errors=True)
+
+
+def _wait_for_exit(proc: subprocess.Popen, timeout_s: float) -> bool:
+    """True when `proc` exits within `timeout_s`.
+
+    Popen.wait(timeout) polls with sleeps growing to 50 ms, which alone would double the cost of
+    a short test case; a pidfd wakes us the moment the process exits.
+    """
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        try:
+            proc.wait(timeout=timeout_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout_s)
+        return bool(ready)
+    finally:
+        os.close(pidfd)
+
+
+def _read_capped(path: Path, cap: int) -> str:
+    with open(path, "rb") as f:
+        return f.read(cap).decode("utf-8", errors="replace")
+
+
+def check_sandbox(sandbox: Sandbox) -> None:
+    """Fail loudly when the sandbox's interpreter cannot run or lacks the contest imports.
+
+    Without this, every correct program would silently score 0.
+    """
+    probe = "import sortedcontainers, heapq, bisect, collections, math, functools\nprint('ok')\n"
+    result = sandbox.run_python(probe, time_limit_s=30.0)
+    if result.stdout.strip() != "ok":
+        raise SandboxError(
+            f"the sandbox ({sandbox.backend}) cannot run {sandbox.config.python} with the contest "
+            f"imports (sortedcontainers, ...): rc={result.returncode} stderr={result.stderr[-2000:]!r}"
+        )

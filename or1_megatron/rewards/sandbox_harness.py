@@ -1,0 +1,149 @@
+"""Test harness that runs INSIDE the sandbox: executes a solution and its tests, reports a verdict.
+
+Owns the in-process test protocol for functional (`fn_name`) and assert-based tests. It is run as
+a script by the sandbox's interpreter with only the standard library; it must never import
+or1_megatron (the package is not a dependency of the sandboxed interpreter).
+
+Protocol: the spec arrives as JSON on stdin, including a per-run secret. The harness then points
+stdin and stdout at /dev/null before any solution code runs, so the solution cannot read the secret
+nor print a verdict of its own; the verdict goes to a private duplicate of the original stdout as
+one line `<secret> <json>`. An `exit(0)` inside the solution therefore yields no verdict (score 0).
+"""
+import ast
+import json
+import math
+import os
+import signal
+import sys
+
+
+class TestTimeout(BaseException):
+    """Raised by the per-test timer. A BaseException so `except Exception` in solutions can't eat it."""
+
+
+def _on_alarm(signum, frame):
+    raise TestTimeout()
+
+
+def _same(got, want):
+    """Equality after JSON normalisation (tuples -> lists), with a tolerance for floats."""
+    if isinstance(got, float) or isinstance(want, float):
+        try:
+            return math.isclose(float(got), float(want), rel_tol=1e-6, abs_tol=1e-6)
+        except (TypeError, ValueError):
+            return False
+    if isinstance(got, (list, tuple)) and isinstance(want, (list, tuple)):
+        return len(got) == len(want) and all(_same(g, w) for g, w in zip(got, want))
+    if isinstance(got, dict) and isinstance(want, dict):
+        return got.keys() == want.keys() and all(_same(got[k], want[k]) for k in got)
+    return got == want
+
+
+def _parse_args(case_input):
+    # LiveCodeBench: one JSON value per line; APPS/TACO: already a list of arguments.
+    if isinstance(case_input, str):
+        return [json.loads(line) for line in case_input.split("\n") if line.strip()]
+    return list(case_input)
+
+
+def _parse_expected(case_output):
+    return json.loads(case_output) if isinstance(case_output, str) else case_output
+
+
+def _matches(got, want):
+    if _same(got, want):
+        return True
+    # APPS/TACO wrap a single return value in a list.
+    return isinstance(want, list) and len(want) == 1 and _same(got, want[0])
+
+
+def _timed(seconds, fn, *args):
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn(*args)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _exec_solution(spec):
+    namespace = {"__name__": "__solution__", "__builtins__": __builtins__}
+    code = compile(spec.get("prefix", "") + "\n" + spec["solution"], "<solution>", "exec")
+    _timed(spec["per_test_s"], exec, code, namespace)
+    return namespace
+
+
+def _functional_tests(spec, namespace):
+    name = spec["fn_name"]
+    if "Solution" in namespace:
+        fn = getattr(namespace["Solution"](), name)
+    else:
+        fn = namespace[name]
+    tests = []
+    for case_input, case_output in zip(spec["inputs"], spec["outputs"]):
+        def run(case_input=case_input, case_output=case_output):
+            got = fn(*_parse_args(case_input))
+            # json round trip: tuples become lists as in the expected values.
+            got = json.loads(json.dumps(got))
+            if not _matches(got, _parse_expected(case_output)):
+                raise AssertionError("wrong answer")
+        tests.append(run)
+    return tests
+
+
+def _statement_tests(statements, namespace):
+    tests = []
+    for stmt in statements:
+        code = compile(ast.Module(body=[stmt], type_ignores=[]), "<test>", "exec")
+        tests.append(lambda code=code: exec(code, namespace))
+    return tests
+
+
+def _assert_tests(spec, namespace):
+    tree = ast.parse(spec["test_code"])
+    check = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "check"), None)
+    if check is None:
+        raise ValueError("test_code defines no check(candidate)")
+    # Module-level helpers of the test code (everything but check) run first.
+    exec(compile(ast.Module(body=[n for n in tree.body if n is not check], type_ignores=[]),
+                 "<test>", "exec"), namespace)
+    namespace[check.args.args[0].arg if check.args.args else "candidate"] = eval(
+        spec["entry_point"], namespace)
+    # One test per statement of check's body, run in one namespace so later asserts see earlier names.
+    return _statement_tests(check.body, namespace)
+
+
+def _assert_case_tests(spec, namespace):
+    statements = []
+    for case in spec["assert_case"]:
+        statements.extend(ast.parse(case).body)
+    return _statement_tests(statements, namespace)
+
+
+def main():
+    spec = json.loads(sys.stdin.read())
+    secret = spec.pop("secret")
+    verdict_fd = os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    passed, total, detail = 0, 0, ""
+    try:
+        namespace = _exec_solution(spec)
+        builders = {"functional": _functional_tests, "assert": _assert_tests,
+                    "assert_case": _assert_case_tests}
+        tests = _timed(spec["per_test_s"], builders[spec["mode"]], spec, namespace)
+        total = len(tests)
+        for index, test in enumerate(tests):
+            _timed(spec["per_test_s"], test)
+            passed += 1
+    except TestTimeout:
+        detail = f"test {passed}: time limit exceeded"
+    except BaseException as exc:  # the verdict must be written whatever the solution raised
+        detail = f"test {passed}: {type(exc).__name__}: {str(exc)[:200]}"
+    line = secret + " " + json.dumps({"passed": passed, "total": total, "detail": detail}) + "\n"
+    os.write(verdict_fd, line.encode())
+
+
+if __name__ == "__main__":
+    main()

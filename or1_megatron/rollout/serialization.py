@@ -1,0 +1,285 @@
+"""Weight-update payloads: SGLang's wire format, an allow-list decoder, buckets and /dev/shm care.
+
+SGLang's `update_weights_from_tensor` takes, per engine TP rank, the base64 text of a
+`ForkingPickler` pickle of either a list of `(name, tensor)` pairs (`load_format=None`) or a dict
+`{"flattened_tensor": uint8 tensor, "metadata": [FlattenedTensorMetadata, ...]}`
+(`load_format="flattened_bucket"`; each entry's `start_idx`/`end_idx`/`numel` count bytes of the
+flat tensor). ForkingPickler moves CPU tensors into shared memory and pickles only a file name,
+which is what makes a multi-GB update cheap over HTTP. That needs the "file_system" sharing
+strategy (a file descriptor cannot cross HTTP), and each shared tensor leaves a
+`/dev/shm/torch_<pid>_*` file behind when a reference is never dropped: `SharedPayload` balances
+the references of payloads that never reached an engine, and `remove_stale_shm_files` sweeps
+files of processes that were killed.
+
+This module owns encoding and decoding only. Decoding uses an allow-list unpickler: anything
+outside a fixed set of torch rebuild functions, dtypes and the metadata class is refused, so a
+bad payload is an error, never code execution. It never loads weights into a model.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import pickle
+import re
+from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+import torch.multiprocessing
+
+from or1_megatron.errors import OR1Error
+
+SHM_DIR = Path("/dev/shm")
+_SHM_NAME = re.compile(r"^torch_(\d+)_")
+SGLANG_METADATA_MODULE = "sglang.srt.weight_sync.tensor_bucket"
+_ALIGN = 16
+
+
+class PayloadError(OR1Error):
+    """A weight payload cannot be decoded: bad base64, a refused global, or a wrong structure."""
+
+
+@dataclass
+class FlattenedTensorMetadata:
+    """Where one tensor lives in a flattened bucket (SGLang's fields; offsets in bytes)."""
+
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+    start_idx: int
+    end_idx: int
+    numel: int
+
+
+def _metadata_class() -> type:
+    """SGLang's class when SGLang is installed: its allow-list refuses any other class."""
+    try:
+        import importlib
+
+        return importlib.import_module(SGLANG_METADATA_MODULE).FlattenedTensorMetadata
+    except ImportError:
+        return FlattenedTensorMetadata
+
+
+def use_file_system_sharing() -> None:
+    """CPU tensors crossing processes over HTTP need shared-memory files, not fds."""
+    if torch.multiprocessing.get_sharing_strategy() != "file_system":
+        torch.multiprocessing.set_sharing_strategy("file_system")
+
+
+# ---------------------------------------------------------------- encoding (trainer side)
+
+
+def flatten_bucket(named_tensors: list[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+    """Pack tensors of any dtypes into one uint8 tensor plus per-tensor byte ranges."""
+    if not named_tensors:
+        raise ValueError("cannot build an empty bucket")
+    cls = _metadata_class()
+    flats, metadata, offset = [], [], 0
+    for name, tensor in named_tensors:
+        # Start every tensor on a 16-byte boundary so the receiver can view the bytes as any
+        # dtype without a copy (SGLang reads start_idx/end_idx, so padding is transparent).
+        pad = -offset % _ALIGN
+        if pad:
+            flats.append(torch.zeros(pad, dtype=torch.uint8, device=tensor.device))
+            offset += pad
+        flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        metadata.append(cls(name=name, shape=tensor.shape, dtype=tensor.dtype,
+                            start_idx=offset, end_idx=offset + flat.numel(), numel=flat.numel()))
+        flats.append(flat)
+        offset += flat.numel()
+    return {"flattened_tensor": torch.cat(flats), "metadata": metadata}
+
+
+def split_into_buckets(named_tensors: Iterable[tuple[str, torch.Tensor]],
+                       bucket_bytes: int) -> list[list[tuple[str, torch.Tensor]]]:
+    """Group tensors, in order, into buckets of at most `bucket_bytes` (a larger tensor goes alone)."""
+    buckets: list[list[tuple[str, torch.Tensor]]] = [[]]
+    size = 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if buckets[-1] and size + nbytes > bucket_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append((name, tensor))
+        size += nbytes
+    return [bucket for bucket in buckets if bucket]
+
+
+def unflatten_bucket(bucket: Any) -> list[tuple[str, torch.Tensor]]:
+    """Inverse of flatten_bucket; checks every byte range against the flat tensor."""
+    if not isinstance(bucket, dict) or set(bucket) != {"flattened_tensor", "metadata"}:
+        raise PayloadError("a flattened_bucket payload must be a dict with keys "
+                           "'flattened_tensor' and 'metadata'")
+    flat, metadata = bucket["flattened_tensor"], bucket["metadata"]
+    if not isinstance(flat, torch.Tensor) or flat.dim() != 1:
+        raise PayloadError("flattened_tensor must be a 1-D tensor")
+    flat = flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
+    out = []
+    for meta in metadata:
+        if not isinstance(meta, FlattenedTensorMetadata):
+            raise PayloadError(f"bucket metadata entry of type {type(meta).__name__}")
+        size = meta.shape.numel() * meta.dtype.itemsize
+        if not (0 <= meta.start_idx and meta.end_idx - meta.start_idx == size
+                and meta.end_idx <= flat.numel()):
+            raise PayloadError(
+                f"tensor {meta.name!r}: byte range [{meta.start_idx}, {meta.end_idx}) does not "
+                f"hold shape {tuple(meta.shape)} of {meta.dtype} in a bucket of {flat.numel()} bytes"
+            )
+        chunk = flat[meta.start_idx:meta.end_idx]
+        if meta.start_idx % meta.dtype.itemsize:  # an unaligned sender: copy before the view
+            chunk = chunk.clone()
+        out.append((meta.name, chunk.view(meta.dtype).reshape(meta.shape)))
+    return out
+
+
+def serialize(obj: Any) -> str:
+    """SGLang's MultiprocessingSerializer.serialize(obj, output_str=True)."""
+    use_file_system_sharing()
+    return base64.b64encode(bytes(ForkingPickler.dumps(obj))).decode("ascii")
+
+
+class SharedPayload:
+    """One engine's `serialized_named_tensors` entry and the shared memory behind it.
+
+    torch reference-counts each shared-memory file inside the file: pickling adds one reference
+    for the receiver, which the receiver drops when it decodes the payload; the file is unlinked
+    when the last mapping closes. A payload that never reaches a decoder (the engine was down)
+    would keep that reference forever and leak the file, so the sender says whether the engine
+    answered: `release(delivered=False)` drops the receiver's reference here. (Never unlink these files by
+    hand while a process maps them: torch aborts that process when its own unlink fails.)
+
+    The CPU engine decodes every payload it receives before checking anything else, so any HTTP
+    answer from it means delivered."""
+
+    def __init__(self, named_tensors: list[tuple[str, torch.Tensor]], load_format: str | None,
+                 copies: int = 1):
+        use_file_system_sharing()
+        if load_format == "flattened_bucket":
+            obj: Any = flatten_bucket(named_tensors)
+            tensors = [obj["flattened_tensor"]]
+        elif load_format is None:
+            # Clone: pickling moves a CPU tensor's storage into shared memory in place, which
+            # must not happen to the trainer's own parameters.
+            obj = [(name, t.detach().clone()) for name, t in named_tensors]
+            tensors = [t for _, t in obj]
+        else:
+            raise ValueError(f"unknown load_format {load_format!r}")
+        self.load_format = load_format
+        # One pickle per engine TP rank: each rank's decode drops the reference its pickle added.
+        self.texts = [serialize(obj) for _ in range(copies)]
+        self._storages = [t.untyped_storage() for t in tensors
+                          if not t.is_cuda and t.numel() > 0]
+
+    def release(self, delivered: bool) -> None:
+        """Drop the payload; `delivered=False` if no engine ever decoded it."""
+        if not delivered:
+            for storage in self._storages:
+                for _ in self.texts:
+                    storage._shared_decref()
+        self._storages = []
+
+
+def remove_stale_shm_files(shm_dir: Path = SHM_DIR) -> list[Path]:
+    """Unlink `torch_<pid>_*` files whose creating process is gone (a killed trainer's leftovers).
+
+    Call it when no live process can still map such a file (at start-up, after a test)."""
+    removed = []
+    for path in shm_dir.glob("torch_*"):
+        match = _SHM_NAME.match(path.name)
+        if match and not _pid_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------- decoding (engine side)
+
+_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8",
+           "uint8", "bool", "float8_e4m3fn", "float8_e5m2")
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("torch.multiprocessing.reductions", "rebuild_tensor"): None,
+    ("torch.multiprocessing.reductions", "rebuild_typed_storage"): None,
+    ("torch.multiprocessing.reductions", "rebuild_storage_filename"): None,
+    ("torch.multiprocessing.reductions", "rebuild_storage_empty"): None,
+    ("torch._utils", "_rebuild_tensor_v2"): None,
+    ("torch", "Tensor"): None,
+    ("torch", "Size"): None,
+    ("torch.storage", "UntypedStorage"): None,
+    ("torch.storage", "TypedStorage"): None,
+    ("torch", "UntypedStorage"): None,
+    ("collections", "OrderedDict"): None,
+    ("builtins", "list"): None,
+    ("builtins", "tuple"): None,
+    ("builtins", "dict"): None,
+    # Both spellings of the bucket metadata decode to our class.
+    (__name__, "FlattenedTensorMetadata"): FlattenedTensorMetadata,
+    (SGLANG_METADATA_MODULE, "FlattenedTensorMetadata"): FlattenedTensorMetadata,
+}
+_ALLOWED.update({("torch", name): None for name in _DTYPES})
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        key = (module, name)
+        if key not in _ALLOWED:
+            hint = ""
+            if name == "rebuild_storage_fd":
+                hint = (" (the sender used the file_descriptor sharing strategy; call "
+                        "torch.multiprocessing.set_sharing_strategy('file_system') before encoding)")
+            raise PayloadError(f"payload refers to {module}.{name}, which is not allowed{hint}")
+        return _ALLOWED[key] or super().find_class(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise PayloadError("payload uses persistent ids, which are not allowed")
+
+
+def deserialize(text: str | bytes) -> Any:
+    """Decode one `serialized_named_tensors` entry (base64 text or raw pickle bytes)."""
+    use_file_system_sharing()
+    if isinstance(text, str):
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise PayloadError(f"payload is not valid base64: {exc}") from None
+    else:
+        data = text
+    try:
+        return _AllowListUnpickler(io.BytesIO(data)).load()
+    except PayloadError:
+        raise
+    except Exception as exc:  # truncated data, missing shm file, ... : all answer as errors
+        raise PayloadError(f"payload cannot be unpickled: {type(exc).__name__}: {exc}") from None
+
+
+def decode_named_tensors(text: str | bytes, load_format: str | None) -> list[tuple[str, torch.Tensor]]:
+    """Decode a payload into `(name, tensor)` pairs, checking its structure."""
+    obj = deserialize(text)
+    if load_format == "flattened_bucket":
+        return unflatten_bucket(obj)
+    if not isinstance(obj, (list, tuple)):
+        raise PayloadError(f"a named-tensor payload must be a list of (name, tensor), "
+                           f"got {type(obj).__name__}")
+    return list(_check_pairs(obj))
+
+
+def _check_pairs(items: Iterable[Any]) -> Iterable[tuple[str, torch.Tensor]]:
+    for i, item in enumerate(items):
+        if not (isinstance(item, (list, tuple)) and len(item) == 2
+                and isinstance(item[0], str) and isinstance(item[1], torch.Tensor)):
+            raise PayloadError(f"payload entry {i} is not a (name, tensor) pair")
+        yield item[0], item[1]

@@ -1,0 +1,42 @@
+"""A weight-update process group between a trainer (rank 0) and engine ranks, outside any default group.
+
+SGLang's `init_weights_update_group` makes each engine rank join a fresh group with the trainer
+at `rank_offset + tp_rank`; `update_weights_from_distributed` then receives one broadcast per
+tensor from rank 0. Engines and trainers already have (or must not have) a default
+torch.distributed group, so this builds a standalone gloo group from a TCPStore. Both sides use
+this class: the CPU engine to receive, the trainer (or a test) to send. NCCL groups for GPU
+engines are SGLang's own business. It owns the group's lifetime only, never what is sent.
+"""
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+
+
+class WeightUpdateGroup:
+    """A gloo group of `world_size` ranks; rank 0 hosts the rendezvous store and sends."""
+
+    def __init__(self, master_address: str, master_port: int, *, rank: int, world_size: int,
+                 group_name: str = "weight_update_group", timeout_s: float = 120.0):
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.rank, self.world_size, self.group_name = rank, world_size, group_name
+        self._store = dist.TCPStore(master_address, master_port, world_size,
+                                    is_master=(rank == 0), timeout=timeout)
+        prefix = dist.PrefixStore(group_name, self._store)
+        self._group = dist.ProcessGroupGloo(prefix, rank, world_size, timeout)
+
+    def send(self, tensor: torch.Tensor) -> None:
+        """Broadcast one tensor from rank 0 (call on rank 0)."""
+        self._group.broadcast(tensor.detach().contiguous(), 0).wait()
+
+    def receive(self, shape: list[int] | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Receive one broadcast tensor from rank 0."""
+        tensor = torch.empty(tuple(shape), dtype=dtype)
+        self._group.broadcast(tensor, 0).wait()
+        return tensor
+
+    def close(self) -> None:
+        self._group = None
+        self._store = None
