@@ -1,4 +1,7 @@
 """The one HF <-> Megatron Qwen2 mapping: shard/gather identity, real model sizes, named errors."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,12 +10,9 @@ from or1_megatron.convert.qwen2 import Qwen2Mapping, canonical_mcore_name, check
 from or1_megatron.errors import CheckpointError, ModelConfigError
 from or1_megatron.policy.model import padded_vocab_size
 
-QWEN_7B = dict(architectures=["Qwen2ForCausalLM"], vocab_size=152064, hidden_size=3584,
-               intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, rope_theta=10000.0, rms_norm_eps=1e-6,
-               tie_word_embeddings=False, max_position_embeddings=131072)
-QWEN_32B = dict(QWEN_7B, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
-                num_attention_heads=40, num_key_value_heads=8, rope_theta=1000000.0, rms_norm_eps=1e-5)
+MODELS = Path(__file__).resolve().parents[1] / "configs" / "models"
+QWEN_7B = json.loads((MODELS / "deepseek-r1-distill-qwen-7b.json").read_text())
+QWEN_32B = json.loads((MODELS / "deepseek-r1-distill-qwen-32b.json").read_text())
 SMALL = dict(QWEN_7B, vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
              num_attention_heads=8, num_key_value_heads=4)
 
@@ -20,6 +20,7 @@ SMALL = dict(QWEN_7B, vocab_size=100, hidden_size=32, intermediate_size=48, num_
 @pytest.mark.parametrize("raw, tensors, params", [(QWEN_7B, 339, 7_615_616_512), (QWEN_32B, 771, 32_763_876_352)])
 def test_real_model_sizes(raw, tensors, params):
     arch = arch_from_dict(raw)
+    assert (arch.rope_theta, arch.rms_norm_eps) == (raw["rope_theta"], raw["rms_norm_eps"])
     mapping = Qwen2Mapping(arch, padded_vocab_size(arch.vocab_size, 128, 8))
     shapes = mapping.hf_shapes()
     assert len(shapes) == tensors

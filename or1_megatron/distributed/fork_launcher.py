@@ -39,8 +39,12 @@ def _rank_main(fn, rank: int, world_size: int, port: int, args: tuple, results: 
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
         )
+        backend = "gloo"
+        if torch.cuda.is_available():  # the parent must not have touched CUDA before forking
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+            backend = "nccl"
         torch.distributed.init_process_group(
-            backend="gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
+            backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
         )
         try:
             value = fn(rank, world_size, *args)
@@ -57,7 +61,7 @@ def _rank_main(fn, rank: int, world_size: int, port: int, args: tuple, results: 
 def run_forked(
     fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300.0
 ) -> list[Any]:
-    """Call ``fn(rank, world_size, *args)`` on ``world_size`` forked gloo ranks.
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` forked ranks (gloo; NCCL with GPUs).
 
     Returns the per-rank return values in rank order. Raises RankFailed with the failing rank's
     traceback if any rank raises, dies or does not finish within ``timeout_s``.
