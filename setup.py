@@ -24,10 +24,15 @@ setup(
         "psutil>=5.9",
         "einops>=0.8",
         "numpy>=1.26",
+        "aiohttp>=3.9",
     ],
     extras_require={
         "gpu": [
             "transformer-engine[pytorch]>=2.8",
+        ],
+        # SGLang pins torch exactly: 0.5.19-0.5.21 need torch 2.13.0, 0.5.22+ need 2.14.1.
+        "sglang": [
+            "sglang[srt]==0.5.21",
         ],
         "dev": [
             "pytest>=8",

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from or1_megatron.distributed.fork_launcher import run_forked
-from or1_megatron.policy.checkpoint import load_checkpoint, save_checkpoint
 from or1_megatron.policy.export import iter_stage_hf_tensors
 from or1_megatron.policy.packing import pack, plan_micro_batches
 from or1_megatron.policy.worker import PolicyWorker
@@ -88,14 +87,14 @@ def rank_train_step(rank, world, hf_dir, tp, pp, sp):
 def rank_save_after_step(rank, world, hf_dir, ckpt_dir):
     worker = PolicyWorker(policy_config(hf_dir, 2, 1, world))
     worker.train_step(SEQUENCES, sft_loss)
-    save_checkpoint(worker, ckpt_dir, extra_state={"entropy_coef": 0.004, "sampler_position": 17})
+    worker.save_checkpoint(ckpt_dir, extra_state={"entropy_coef": 0.004, "sampler_position": 17})
     second = worker.train_step(SEQUENCES, sft_loss)
     return second, hf_weights(worker)
 
 
 def rank_resume(rank, world, hf_dir, ckpt_dir, tp, pp):
     worker = PolicyWorker(policy_config(hf_dir, tp, pp, world))
-    extra = load_checkpoint(worker, ckpt_dir)
+    extra = worker.load_checkpoint(ckpt_dir)
     scores = worker.compute_logprobs(SEQUENCES)
     second = worker.train_step(SEQUENCES, sft_loss)
     return extra, worker.steps_done, scores and [s.logprob for s in scores], second, hf_weights(worker)

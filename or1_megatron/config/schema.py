@@ -17,6 +17,9 @@ class ModelConfig:
     hf_path: str = MISSING
     # Load the safetensors weights found in hf_path; False builds random weights (tests, demo).
     load_weights: bool = True
+    # A Megatron dist checkpoint to take the initial weights from instead (e.g. the output of
+    # `or1 convert hf-to-mcore`); any TP/PP layout.
+    megatron_checkpoint: str = ""
     # Parameter and compute dtype of the policy: fp32 or bf16.
     dtype: str = "bf16"
     # Megatron pads the vocabulary to a multiple of this times the TP size.

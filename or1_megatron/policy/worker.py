@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -23,6 +24,7 @@ from or1_megatron.config.schema import OR1Config
 from or1_megatron.convert.hf_config import load_arch
 from or1_megatron.convert.qwen2 import Qwen2Mapping
 from or1_megatron.kernels import fused_logprob_entropy
+from or1_megatron.policy.checkpoint import PolicyState, load_checkpoint, save_checkpoint
 from or1_megatron.policy.hf_weights import load_hf_weights
 from or1_megatron.policy.model import PolicyGPTModel, build_policy_model, padded_vocab_size
 from or1_megatron.policy.packing import PackedMicroBatch, pack, plan_micro_batches
@@ -62,7 +64,7 @@ class PolicyWorker:
             post_process=self.layout.is_last_stage,
             pp_rank=self.layout.pp_rank,
         )
-        if config.model.load_weights:
+        if config.model.load_weights and not config.model.megatron_checkpoint:
             load_hf_weights(model, config.model.hf_path, self.mapping, self.layout)
         self.model = DistributedDataParallel(
             config=model.config,
@@ -89,6 +91,9 @@ class PolicyWorker:
             wd_incr_style="constant",
         )
         self.steps_done = 0
+        if config.model.megatron_checkpoint:
+            self.load_checkpoint(config.model.megatron_checkpoint, with_optimizer=False)
+            self.steps_done = 0  # a converted or earlier run's weights start a new run
 
     def _optimizer_config(self) -> OptimizerConfig:
         o = self.config.optim
@@ -228,6 +233,30 @@ class PolicyWorker:
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics
+
+    def _state(self, with_optimizer: bool) -> PolicyState:
+        p = self.config.parallel
+        return PolicyState(
+            model=self.unwrapped,
+            arch=self.arch,
+            padded_vocab=self.padded_vocab,
+            layout={"tensor_parallel": p.tensor_parallel, "pipeline_parallel": p.pipeline_parallel,
+                    "world_size": p.world_size, "dtype": self.config.model.dtype},
+            optimizer=self.optimizer if with_optimizer else None,
+            scheduler=self.scheduler if with_optimizer else None,
+            steps_done=self.steps_done,
+        )
+
+    def save_checkpoint(self, directory: str | Path, extra_state: Optional[dict] = None) -> Path:
+        """Collective: weights, optimizer, scheduler, step count and `extra_state`."""
+        return save_checkpoint(self._state(with_optimizer=True), directory, extra_state)
+
+    def load_checkpoint(self, directory: str | Path, with_optimizer: bool = True) -> dict:
+        """Collective: restore from any TP/PP/DP layout; returns the saved `extra_state`."""
+        state = self._state(with_optimizer)
+        extra = load_checkpoint(state, directory)
+        self.steps_done = state.steps_done
+        return extra
 
     def _reduce_metrics(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Sum each metric over micro-batches and DP ranks; broadcast from the last PP stage."""
