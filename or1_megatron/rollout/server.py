@@ -100,7 +100,13 @@ def _success_endpoint(parse_cls: type | None, method: Callable[..., str],
 
 
 def _abort_first(req: Any) -> bool:
+    """Updates wait for the running wave unless they abort it (SGLang's abort_all_requests)."""
     return bool(getattr(req, "abort_all_requests", False))
+
+
+def _always(req: Any) -> bool:
+    """Opening or closing a session only sets a flag: no need to wait for the running wave."""
+    return True
 
 
 async def pause_generation(request: web.Request) -> web.Response:
@@ -182,10 +188,10 @@ def build_app(engine: CpuEngine) -> web.Application:
     app.router.add_route("*", "/flush_cache", flush_cache)
     app.router.add_post("/begin_weight_update",
                         _success_endpoint(protocol.BeginWeightUpdateReqInput, E.begin_weight_update,
-                                          args=lambda req: ()))
+                                          _always, args=lambda req: ()))
     app.router.add_post("/end_weight_update",
                         _success_endpoint(protocol.EndWeightUpdateReqInput, E.end_weight_update,
-                                          args=lambda req: ()))
+                                          _always, args=lambda req: ()))
     app.router.add_post("/update_weights_from_tensor",
                         _success_endpoint(protocol.UpdateWeightsFromTensorReqInput,
                                           E.update_weights_from_tensor, _abort_first))

@@ -1,0 +1,112 @@
+"""The router over two CPU engines: spreading, weight pushes, and SIGKILL of an engine mid-batch."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+import torch
+
+from or1_megatron.rollout.launcher import CpuEngineProcess
+from or1_megatron.rollout.router import RolloutRouter
+from tests.rollout_testutil import (forward_logprobs, load_model, make_tiny_qwen2,
+                                    perturbed_weights, run)
+
+PROMPTS = [[3 + i, 40 + i, 7 * i % 290 + 1] for i in range(16)]
+
+
+def params(i: int, n: int = 24) -> dict:
+    return {"max_new_tokens": n, "temperature": 1.0, "sampling_seed": 1000 + i, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_qwen2(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def processes(model_dir, tmp_path_factory):
+    """Two engines for the whole module; each test's router adopts them and leaves them running."""
+    log_dir = tmp_path_factory.mktemp("logs")
+    procs = [CpuEngineProcess(model_dir, num_threads=1, max_running_requests=8, log_dir=log_dir,
+                              start_timeout_s=120) for _ in range(2)]
+    try:
+        for process in procs:
+            process.start()
+        yield procs
+    finally:
+        for process in procs:
+            process.kill()
+
+
+async def _router(processes) -> RolloutRouter:
+    router = RolloutRouter(processes, health_interval_s=0.5)
+    await router.start()
+    return router
+
+
+def test_requests_spread_and_weights_reach_every_engine(model_dir, processes):
+    model = load_model(model_dir)
+    new = perturbed_weights(model, seed=11)
+
+    async def scenario():
+        router = await _router(processes)
+        try:
+            await router.update_weights(list(new.items()), weight_version="v1")
+            results = await router.generate_many(PROMPTS, [params(i) for i in range(len(PROMPTS))])
+            versions = await router.weight_versions()
+            served = [slot.served for slot in router.slots]
+        finally:
+            await router.close(kill_engines=False)
+        return results, versions, served
+
+    results, versions, served = run(scenario())
+    assert versions == ["v1", "v1"]
+    assert all(count > 0 for count in served) and sum(served) == len(PROMPTS)
+    model.load_state_dict(new)
+    for prompt, result in zip(PROMPTS, results):
+        assert result.weight_version == "v1"
+        torch.testing.assert_close(torch.tensor(result.output_logprobs),
+                                   forward_logprobs(model, prompt, result.output_ids),
+                                   atol=1e-4, rtol=0)
+
+
+def test_sigkill_during_a_batch_restarts_engine_and_answers_every_request_once(model_dir, processes):
+    model = load_model(model_dir)
+    new = perturbed_weights(model, seed=12)
+    requests = [(f"r{i}", PROMPTS[i], params(i, n=100)) for i in range(len(PROMPTS))]
+
+    async def scenario():
+        router = await _router(processes)
+        try:
+            await router.update_weights(list(new.items()), weight_version="v7")
+            reference = await asyncio.gather(*(router.generate(p, sp, rid=rid)
+                                               for rid, p, sp in requests))
+            victim = router.slots[0]
+            old_pid = victim.process.pid
+            tasks = [asyncio.create_task(router.generate(p, sp, rid=rid)) for rid, p, sp in requests]
+            await asyncio.sleep(0.5)  # the batch is running on both engines
+            assert victim.inflight > 0
+            os.kill(old_pid, signal.SIGKILL)
+            answers = await asyncio.wait_for(asyncio.gather(*tasks), 150)
+            # Wait for the restart to finish, then check the engine got the current weights back.
+            await asyncio.wait_for(victim.recovery, 120)
+            assert victim.healthy and victim.process.pid != old_pid
+            [check] = await victim.client.generate([PROMPTS[0]], params(0, n=8))
+            return reference, answers, check, victim, router.resent
+        finally:
+            await router.close(kill_engines=False)
+
+    reference, answers, check, victim, resent = run(scenario())
+    assert victim.process.restarts == 1 and victim.history, victim.history
+    assert resent >= 1  # some requests were cut off by the kill and sent again
+    # Exactly one answer per request, and it is the answer the request would have had anyway.
+    assert [a.rid for a in answers] == [rid for rid, _, _ in requests]
+    assert [a.output_ids for a in answers] == [r.output_ids for r in reference]
+    assert all(a.finish_reason == "length" and len(a.output_ids) == 100 for a in answers)
+    model.load_state_dict(new)
+    assert check.weight_version == "v7"
+    torch.testing.assert_close(torch.tensor(check.output_logprobs),
+                               forward_logprobs(model, PROMPTS[0], check.output_ids),
+                               atol=1e-4, rtol=0)
