@@ -37,6 +37,8 @@ setup(
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2.3",
+            # unpinned: on GPUs torch pins its own triton; CPU installs take requirements/cpu.txt's
+            "triton",
         ],
     },
     entry_points={"console_scripts": ["or1=or1_megatron.cli:main"]},

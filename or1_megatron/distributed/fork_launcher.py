@@ -46,16 +46,17 @@ def _rank_main(fn, rank: int, world_size: int, port: int, args: tuple, results: 
         torch.distributed.init_process_group(
             backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
         )
-        try:
-            value = fn(rank, world_size, *args)
-        finally:
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-        # Plain pickle copies tensors by value; the queue's own pickler would pass file
-        # descriptors that die with this process.
-        results.put((rank, True, pickle.dumps(value)))
+        value = fn(rank, world_size, *args)
     except BaseException:  # report everything, including SystemExit, to the parent
+        # No barrier here: the other ranks may be blocked in a collective with this one, and
+        # the parent kills them as soon as it reads this error.
         results.put((rank, False, traceback.format_exc()))
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    # Plain pickle copies tensors by value; the queue's own pickler would pass file
+    # descriptors that die with this process.
+    results.put((rank, True, pickle.dumps(value)))
 
 
 def run_forked(
