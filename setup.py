@@ -25,6 +25,10 @@ setup(
         "einops>=0.8",
         "numpy>=1.26",
         "aiohttp>=3.9",
+        "math-verify>=0.9.0",
+        "pyarrow>=14",
+        # the code sandbox runs this environment's python: contest programs import it
+        "sortedcontainers>=2.4",
     ],
     extras_require={
         "gpu": [

@@ -6,6 +6,7 @@ Owns `ProblemRecord` (verl's row schema, typed), `DataError` (names the file, ro
 from __future__ import annotations
 
 import collections
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,8 +52,11 @@ class ProblemRecord:
                 "extra_info": {**self.extra_info, "ability": self.ability}}
 
     def to_verl_row(self) -> dict[str, Any]:
+        """A verl row; a non-string ground truth is stored as JSON text, as Skywork-OR1-RL-Data
+        does, so that math and code rows share one parquet column type."""
+        truth = self.ground_truth if isinstance(self.ground_truth, str) else json.dumps(self.ground_truth)
         return {"data_source": self.data_source, "prompt": self.prompt, "ability": self.ability,
-                "reward_model": {"ground_truth": self.ground_truth, "style": "rule"},
+                "reward_model": {"ground_truth": truth, "style": "rule"},
                 "extra_info": {**self.extra_info, "uid": self.uid}}
 
 

@@ -1,8 +1,9 @@
 """A pool of reward worker processes that no response can crash or hang.
 
 Owns scheduling, per-task deadlines and worker replacement. Each worker runs `compute_score`
-with its own sandbox uid (one fork bomb must not exhaust the process limit of another worker's
-programs) and its own throwaway-directory root. A task that raises, kills its worker or outlives
+with its own sandbox uid, counting down from `SandboxConfig.uid` (worker i: uid - i), because
+process-count limits are per uid: one program's fork bomb must not stop the programs of another
+worker from starting. Throwaway directories go under a root of the pool's, removed on close. A task that raises, kills its worker or outlives
 its deadline scores 0 and is reported in `RewardPool.errors`; the worker is replaced.
 """
 from __future__ import annotations
@@ -100,7 +101,11 @@ class RewardPool:
             for worker in list(self._workers):
                 if worker.task is None and todo and worker.conn not in busy:
                     index = todo.pop()
-                    worker.conn.send((index, tasks[index]))
+                    try:
+                        worker.conn.send((index, tasks[index]))
+                    except OSError:  # the worker died while idle (e.g. killed for memory)
+                        worker = self._replace(worker)
+                        worker.conn.send((index, tasks[index]))
                     worker.task, worker.deadline = index, time.monotonic() + self.task_timeout_s
                     busy[worker.conn] = worker
             nearest = min(w.deadline for w in busy.values())

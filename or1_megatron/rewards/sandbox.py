@@ -106,12 +106,17 @@ class Sandbox:
         self.config = config or SandboxConfig()
         self.backend = resolve_backend(self.config.backend)
         self._as_root = os.geteuid() == 0
+        found = shutil.which(self.config.python)
+        if found is None:
+            raise SandboxError(f"sandbox interpreter {self.config.python!r} not found or not executable")
+        # Absolute, as found here: the sandbox's PATH is not the trainer's.
+        self.python = str(Path(found).absolute())
         self._python_binds = self._interpreter_binds()
         if self.backend == "rlimits" and self._as_root and self._python_binds:
             # Without bwrap nothing can expose an interpreter under e.g. /root to the sandbox uid,
             # and running model code as root is not an option.
             raise SandboxError(
-                f"the rlimits fallback cannot run {self.config.python} as uid {self.config.uid}: it "
+                f"the rlimits fallback cannot run {self.python} as uid {self.config.uid}: it "
                 "lives under a directory other users cannot enter. Install bubblewrap, or set "
                 "SandboxConfig.python to an interpreter other users can run.")
 
@@ -123,7 +128,7 @@ class Sandbox:
         hidden ancestor is replaced by an empty tmpfs and only the interpreter's prefixes are bound
         back (this also hides the rest of root's home from the program).
         """
-        python = Path(self.config.python)
+        python = Path(self.python)
         # A venv's bin/python links to the base install: both prefixes must be reachable.
         prefixes = {python.absolute().parent.parent, python.resolve().parent.parent}
         hidden: dict[Path, list[Path]] = {}
@@ -210,14 +215,18 @@ class Sandbox:
         stdin_path.write_bytes(stdin.encode("utf-8") if isinstance(stdin, str) else stdin)
         if self._as_root:
             os.chown(work, self.config.uid, self.config.uid)
-        os.chmod(host_dir, 0o755)
+        # bwrap binds what the program needs, so nobody needs to enter host_dir; the fallback
+        # needs to traverse it to reach program.py. The program gets stdin (which may hold the
+        # harness's secret) only as an open file, never by path.
+        os.chmod(host_dir, 0o700 if self.backend == "bwrap" else 0o711)
         os.chmod(program, 0o644)
+        os.chmod(stdin_path, 0o600)
         script = PROGRAM_PATH if self.backend == "bwrap" else str(program)
         cwd = None if self.backend == "bwrap" else str(work)
         env = self._environment()
         if self.backend == "rlimits":
             env["HOME"] = env["TMPDIR"] = str(work)
-        argv = [self.config.python, "-I", script, *args]
+        argv = [self.python, "-I", script, *args]
         cmd = self._command(host_dir, argv, time_limit_s)
         with open(stdin_path, "rb") as fin, open(host_dir / "stdout", "wb") as fout, \
                 open(host_dir / "stderr", "wb") as ferr:
@@ -301,6 +310,6 @@ def check_sandbox(sandbox: Sandbox) -> None:
     result = sandbox.run_python(probe, time_limit_s=30.0)
     if result.stdout.strip() != "ok":
         raise SandboxError(
-            f"the sandbox ({sandbox.backend}) cannot run {sandbox.config.python} with the contest "
+            f"the sandbox ({sandbox.backend}) cannot run {sandbox.python} with the contest "
             f"imports (sortedcontainers, ...): rc={result.returncode} stderr={result.stderr[-2000:]!r}"
         )

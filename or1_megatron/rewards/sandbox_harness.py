@@ -74,10 +74,11 @@ def _exec_solution(spec):
 
 def _functional_tests(spec, namespace):
     name = spec["fn_name"]
-    if "Solution" in namespace:
-        fn = getattr(namespace["Solution"](), name)
+    solution_class = namespace.get("Solution")
+    if solution_class is not None and hasattr(solution_class, name):
+        fn = getattr(solution_class(), name)
     else:
-        fn = namespace[name]
+        fn = namespace[name]  # OR1 also accepts a bare function named fn_name
     tests = []
     for case_input, case_output in zip(spec["inputs"], spec["outputs"]):
         def run(case_input=case_input, case_output=case_output):

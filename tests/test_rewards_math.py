@@ -1,0 +1,82 @@
+"""Math reward on the real AIME24/25 answers and the real math-verify, with OR1's rules."""
+import re
+import threading
+
+from or1_megatron.data.loaders import load_problems
+from or1_megatron.rewards import RewardConfig, compute_score, math_score
+from or1_megatron.rewards.math_reward import gold_answers
+
+
+def _aime(shared_data):
+    return (load_problems(shared_data / "eval" / "aime24.parquet")
+            + load_problems(shared_data / "eval" / "aime25.parquet"))
+
+
+def _as_model_writes(answer: str) -> str:
+    # A model writes the plain number: no leading zeros, no degree sign.
+    return str(int(re.match(r"\d+", answer).group()))
+
+
+def _response(answer: str) -> str:
+    return f"<think>\nLet me work this out carefully.\n</think>\nThe answer is \\boxed{{{answer}}}."
+
+
+def test_aime_gold_answers_score_one_wrong_and_truncated_score_zero(shared_data):
+    records = _aime(shared_data)
+    assert len(records) == 60
+    for record in records:
+        answer = _as_model_writes(record.ground_truth)
+        kwargs = record.reward_kwargs()
+        assert compute_score(solution_str=_response(answer), **kwargs) == 1.0, record.ground_truth
+        wrong = str(int(answer) + 1)
+        assert compute_score(solution_str=_response(wrong), **kwargs) == 0.0, record.ground_truth
+        cut = dict(kwargs, extra_info={**kwargs["extra_info"], "finish_reason": "length"})
+        assert compute_score(solution_str=_response(answer), **cut) == 0.0
+        no_close = f"<think>\nThe answer is \\boxed{{{answer}}} and I keep going"
+        assert compute_score(solution_str=no_close, **kwargs) == 0.0
+
+
+def test_leading_zeros_and_degrees_in_gold_verify_against_plain_numbers(shared_data):
+    golds = {r.ground_truth for r in _aime(shared_data)}
+    assert "336^\\circ" in golds  # the AIME25 answer the README warns about
+    assert math_score(_response("336"), "336^\\circ") == 1.0
+    assert math_score(_response("25"), "025") == 1.0
+    assert math_score(_response("26"), "025") == 0.0
+
+
+def test_only_text_after_think_is_graded():
+    thinking_has_right_answer = "<think>\nMaybe \\boxed{25}?\n</think>\nSo the answer is \\boxed{24}."
+    assert math_score(thinking_has_right_answer, "25") == 0.0
+
+
+def test_released_code_rule_scores_responses_without_think_close():
+    released = RewardConfig(truncated_scores_zero=False)
+    assert math_score("The answer is \\boxed{25}.", "025", config=released) == 1.0
+    assert math_score("The answer is \\boxed{25}.", "025") == 0.0
+
+
+def test_list_and_json_list_ground_truths():
+    assert gold_answers('["1/2", "0.5"]') == ["1/2", "0.5"]
+    assert gold_answers("[0, 1]") == ["[0, 1]"]  # an interval is one answer
+    assert math_score(_response("0.5"), ["\\frac{1}{2}", "x"]) == 1.0
+    assert math_score(_response("\\frac{\\pi}{2}"), "\\frac{\\pi}{2}") == 1.0
+
+
+def test_math500_latex_answers_verify_against_themselves(shared_data):
+    records = load_problems(shared_data / "eval" / "math500.json")[:40]
+    scores = [math_score(_response(r.ground_truth), r.ground_truth) for r in records]
+    assert sum(scores) >= 38, scores
+
+
+def test_garbage_and_empty_responses_score_zero():
+    assert math_score("<think></think>", "5") == 0.0
+    assert math_score("<think>x</think> \\boxed{\\frac{", "5") == 0.0
+
+
+def test_works_off_the_main_thread():
+    # math-verify's SIGALRM timeout cannot be installed off the main thread; the reward must still work.
+    out = []
+    thread = threading.Thread(target=lambda: out.append(math_score(_response("25"), "025")))
+    thread.start()
+    thread.join(timeout=60)
+    assert out == [1.0]

@@ -1,0 +1,173 @@
+"""Hostile programs are contained: each scores 0 within its time limit and the machine is unaffected.
+
+These tests need bubblewrap: CI installs it (apt-get install -y bubblewrap). Without it they fail
+on purpose instead of passing against the weak fallback.
+"""
+import os
+import shutil
+import socket
+import time
+
+import psutil
+import pytest
+
+from or1_megatron.rewards import RewardConfig, Sandbox, SandboxConfig, code_score
+from or1_megatron.rewards.sandbox import NOBODY_UID
+
+LIMIT_S = 3.0
+# A uid of its own, so that the leftover-process check sees only this module's programs.
+SANDBOX_UID = NOBODY_UID - 10
+CONFIG = RewardConfig(code_test_timeout_s=LIMIT_S, code_total_timeout_s=LIMIT_S,
+                      sandbox=SandboxConfig(backend="bwrap", memory_mb=512, max_processes=16,
+                                            uid=SANDBOX_UID))
+SLACK_S = 3.0  # sandbox start-up and cleanup on a loaded 2-core machine
+
+
+def _response(code: str) -> str:
+    return f"<think>\nplan\n</think>\n```python\n{code}\n```"
+
+
+def _score_within_limit(code: str, expected_stdout: str) -> float:
+    start = time.monotonic()
+    score = code_score(_response(code), {"inputs": [""], "outputs": [expected_stdout]}, config=CONFIG)
+    assert time.monotonic() - start < LIMIT_S + SLACK_S
+    return score
+
+
+def _sandbox_processes() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["uids"]):
+        uids = proc.info["uids"]
+        if uids is not None and uids.real == SANDBOX_UID:
+            found.append(proc)
+    return found
+
+
+def test_bwrap_is_installed():
+    assert shutil.which("bwrap"), "bubblewrap is missing: apt-get install -y bubblewrap"
+    assert Sandbox(CONFIG.sandbox).backend == "bwrap"
+
+
+def test_a_well_behaved_program_passes():
+    assert _score_within_limit("print(sum(map(int, '1 2 3'.split())))", "6") == 1.0
+
+
+def test_fork_bomb_is_contained_and_leaves_nothing_behind():
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    assert _score_within_limit(bomb, "done") == 0.0
+    deadline = time.monotonic() + 5
+    while _sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _sandbox_processes() == []
+    assert _score_within_limit("print('after')", "after") == 1.0
+
+
+def test_infinite_loop_is_killed_at_the_time_limit():
+    start = time.monotonic()
+    assert _score_within_limit("while True:\n    pass\nprint('never')", "never") == 0.0
+    assert time.monotonic() - start >= LIMIT_S * 0.9
+
+
+def test_memory_bomb_fails_fast():
+    bomb = "chunks = []\nwhile True:\n    chunks.append(bytearray(64 << 20))\n"
+    start = time.monotonic()
+    assert _score_within_limit(bomb + "print('ok')", "ok") == 0.0
+    assert time.monotonic() - start < LIMIT_S  # MemoryError at the address-space limit, not a timeout
+    assert _score_within_limit("x = bytearray(8 << 30)\nprint('ok')", "ok") == 0.0
+
+
+def test_writes_outside_the_sandbox_dir_do_not_land(tmp_path):
+    target = tmp_path / "pwned"
+    tmp_path.chmod(0o777)  # writable for everyone on the host: only the sandbox can stop the write
+    code = f"open({str(target)!r}, 'w').write('x')\nprint('wrote')"
+    assert _score_within_limit(code, "wrote") == 0.0
+    assert not target.exists()
+    host_tmp = f"/tmp/or1-sandbox-escape-{os.getpid()}"
+    code = f"open({host_tmp!r}, 'w').write('x')\nprint('wrote')"
+    assert _score_within_limit(code, "wrote") == 0.0
+    assert not os.path.exists(host_tmp)
+    # Its own working directory is writable, and thrown away.
+    assert _score_within_limit("open('scratch.txt', 'w').write('x')\nprint(open('scratch.txt').read())",
+                               "x") == 1.0
+
+
+def test_network_is_unreachable():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    code = f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('connected')"
+    assert _score_within_limit(code, "connected") == 0.0
+    # A connection that got through would wait in the backlog now.
+    server.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        server.accept()
+    server.close()
+
+
+def test_trainer_environment_is_invisible(monkeypatch):
+    monkeypatch.setenv("OR1_TRAINER_SECRET", "s3cret")
+    code = "import os\nprint(os.environ.get('OR1_TRAINER_SECRET', 'absent'))"
+    assert _score_within_limit(code, "s3cret") == 0.0
+    result = Sandbox(CONFIG.sandbox).run_python(code, time_limit_s=LIMIT_S)
+    assert result.stdout.strip() == "absent"
+
+
+def test_output_is_capped():
+    sandbox = Sandbox(SandboxConfig(backend="bwrap", max_output_mb=1))
+    result = sandbox.run_python("import sys\nfor _ in range(100):\n    sys.stdout.write('x' * (1 << 20))",
+                                time_limit_s=LIMIT_S)
+    assert not result.ok and len(result.stdout) <= 1 << 20
+
+
+def test_runs_unprivileged_with_a_private_tmp():
+    result = Sandbox(CONFIG.sandbox).run_python(
+        "import os\nprint(os.getuid(), os.access('/tmp', os.W_OK), os.path.exists('/root/.bashrc'))",
+        time_limit_s=LIMIT_S)
+    uid = SANDBOX_UID if os.geteuid() == 0 else os.geteuid()
+    assert result.stdout.split() == [str(uid), "False", "False"]
+
+
+def test_fallback_warns_loudly_and_still_limits(caplog, monkeypatch):
+    # An interpreter every user can run (the venv's may live under /root, closed to the sandbox uid).
+    python = shutil.which("python3", path="/usr/bin:/usr/local/bin")
+    assert python
+    monkeypatch.setenv("OR1_TRAINER_SECRET", "s3cret")
+    with caplog.at_level("WARNING"):
+        sandbox = Sandbox(SandboxConfig(backend="rlimits", python=python, uid=SANDBOX_UID))
+    assert sandbox.backend == "rlimits"
+    assert "SANDBOX FALLBACK IN FORCE" in caplog.text
+    result = sandbox.run_python(
+        "import os\nprint(os.environ.get('OR1_TRAINER_SECRET', 'absent'), os.getuid())",
+        time_limit_s=LIMIT_S)
+    uid = SANDBOX_UID if os.geteuid() == 0 else os.geteuid()
+    assert result.ok and result.stdout.split() == ["absent", str(uid)]
+    start = time.monotonic()
+    assert sandbox.run_python("while True:\n    pass", time_limit_s=1.0).timed_out
+    assert time.monotonic() - start < 1.0 + SLACK_S
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root needs the uid switch")
+def test_fallback_refuses_an_interpreter_the_sandbox_uid_cannot_reach(tmp_path):
+    from or1_megatron.rewards import SandboxError
+
+    hidden = tmp_path / "hidden"
+    (hidden / "bin").mkdir(parents=True)
+    (hidden / "bin" / "python").symlink_to(shutil.which("python3", path="/usr/bin"))
+    hidden.chmod(0o700)
+    with pytest.raises(SandboxError, match="cannot run"):
+        Sandbox(SandboxConfig(backend="rlimits", python=str(hidden / "bin" / "python")))
+
+
+def test_requesting_bwrap_without_it_is_an_error(monkeypatch):
+    from or1_megatron.rewards import SandboxError
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(SandboxError, match="apt-get install -y bubblewrap"):
+        Sandbox(SandboxConfig(backend="bwrap"))
+
+
+def test_contest_imports_are_available():
+    from or1_megatron.rewards.sandbox import check_sandbox
+
+    check_sandbox(Sandbox(CONFIG.sandbox))  # raises with the interpreter's stderr otherwise
