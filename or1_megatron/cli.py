@@ -12,6 +12,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("or1_megatron.config.command", "load, validate and print a resolved config"),
     "check": ("or1_megatron.policy.smoke", "build the policy at a TP/PP layout and check it on CPU"),
+    "convert": ("or1_megatron.convert.checkpoint_tool", "convert checkpoints between Hugging Face and Megatron"),
     "serve": ("or1_megatron.rollout.server", "serve a model on CPU with SGLang's HTTP API (the CPU rollout engine)"),
 }
 

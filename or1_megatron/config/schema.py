@@ -79,12 +79,39 @@ class RunConfig:
 
 
 @dataclass
+class SyncConfig:
+    """Weight sync from the trainer to the rollout engines after every optimizer step."""
+
+    # colocated: shared-memory / CUDA-IPC payloads through update_weights_from_tensor;
+    # distributed: a gloo/NCCL group with the engines (update_weights_from_distributed);
+    # disk: safetensors files + update_weights_from_disk.
+    transport: str = "colocated"
+    # Size of one bucket of HF tensors; a sending rank holds its shards plus one bucket.
+    bucket_mb: int = 512
+    # After each sync the trainer and every engine score a fixed probe batch; the step fails,
+    # naming the engine, if their log-probabilities differ by more than verify_tolerance.
+    verify: bool = True
+    verify_tolerance: float = 1e-3
+    verify_prompts: int = 4
+    verify_new_tokens: int = 8
+    # Bound on every wait of a sync (one engine call, the trainer's push, an engine restart).
+    timeout_s: float = 300.0
+    # How generation is paused during the update: abort | retract | in_place (SGLang's modes).
+    pause_mode: str = "abort"
+    # disk transport: where versions are written (empty: <run_dir>/weight_sync).
+    disk_dir: str = ""
+    # distributed transport: the address engines use to reach the sending trainer ranks.
+    master_address: str = "127.0.0.1"
+
+
+@dataclass
 class OR1Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
 
     @property
     def data_parallel(self) -> int:
@@ -95,3 +122,5 @@ class OR1Config:
 # Valid values of enumerated string options, checked by config.validate.
 DTYPES = ("fp32", "bf16")
 LAYER_SPECS = ("auto", "te", "local")
+SYNC_TRANSPORTS = ("colocated", "distributed", "disk")
+SYNC_PAUSE_MODES = ("abort", "retract", "in_place")

@@ -5,8 +5,8 @@ naming the key and the file, not in a collective twenty minutes into a cluster j
 """
 from __future__ import annotations
 
-from or1_megatron.config.schema import DTYPES, LAYER_SPECS, OR1Config
-from or1_megatron.convert.hf_config import load_arch
+from or1_megatron.config.schema import DTYPES, LAYER_SPECS, SYNC_PAUSE_MODES, SYNC_TRANSPORTS, OR1Config
+from or1_megatron.convert.hf_config import layout_problems, load_arch
 from or1_megatron.errors import ConfigError, ModelConfigError
 
 
@@ -57,17 +57,25 @@ def validate(cfg: OR1Config, source: str) -> None:
            f"{b.micro_batch_tokens} cannot hold one sequence of max_prompt_length + "
            f"max_response_length = {longest} tokens")
 
+    s = cfg.sync
+    _check(s.transport in SYNC_TRANSPORTS, source, "sync.transport",
+           f"{s.transport!r} is not one of {SYNC_TRANSPORTS}")
+    _check(s.pause_mode in SYNC_PAUSE_MODES, source, "sync.pause_mode",
+           f"{s.pause_mode!r} is not one of {SYNC_PAUSE_MODES}")
+    _check(s.bucket_mb >= 1, source, "sync.bucket_mb", f"must be >= 1, got {s.bucket_mb}")
+    _check(s.verify_tolerance > 0, source, "sync.verify_tolerance",
+           f"must be > 0, got {s.verify_tolerance}")
+    _check(s.verify_prompts >= 1 and s.verify_new_tokens >= 1, source, "sync.verify_prompts",
+           "verify_prompts and verify_new_tokens must be >= 1")
+    _check(s.timeout_s > 0, source, "sync.timeout_s", f"must be > 0, got {s.timeout_s}")
+
     try:
         arch = load_arch(m.hf_path)
     except ModelConfigError as exc:
         raise ConfigError(f"{source}: model.hf_path: {exc}") from None
     hf = f"model {m.hf_path}"
-    _check(arch.num_attention_heads % p.tensor_parallel == 0, source, "parallel.tensor_parallel",
-           f"{p.tensor_parallel} does not divide num_attention_heads={arch.num_attention_heads} ({hf})")
-    _check(arch.num_key_value_heads % p.tensor_parallel == 0, source, "parallel.tensor_parallel",
-           f"{p.tensor_parallel} does not divide num_key_value_heads={arch.num_key_value_heads} ({hf})")
-    _check(arch.num_layers % p.pipeline_parallel == 0, source, "parallel.pipeline_parallel",
-           f"{p.pipeline_parallel} does not divide num_hidden_layers={arch.num_layers} ({hf})")
+    for key, reason in layout_problems(arch, p.tensor_parallel, p.pipeline_parallel):
+        _check(False, source, f"parallel.{key}", f"{reason} ({hf})")
     _check(longest <= arch.max_position_embeddings, source, "batch.max_response_length",
            f"max_prompt_length + max_response_length = {longest} exceeds "
            f"max_position_embeddings={arch.max_position_embeddings} ({hf})")

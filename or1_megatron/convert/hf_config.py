@@ -101,6 +101,21 @@ def arch_from_dict(raw: dict, source: str = "<dict>") -> Qwen2Arch:
     )
 
 
+def layout_problems(arch: Qwen2Arch, tensor_parallel: int, pipeline_parallel: int) -> list[tuple[str, str]]:
+    """(key, reason) for each way a TP x PP layout cannot hold this architecture."""
+    problems = []
+    if arch.num_attention_heads % tensor_parallel:
+        problems.append(("tensor_parallel", f"{tensor_parallel} does not divide "
+                         f"num_attention_heads={arch.num_attention_heads}"))
+    if arch.num_key_value_heads % tensor_parallel:
+        problems.append(("tensor_parallel", f"{tensor_parallel} does not divide "
+                         f"num_key_value_heads={arch.num_key_value_heads}"))
+    if arch.num_layers % pipeline_parallel:
+        problems.append(("pipeline_parallel", f"{pipeline_parallel} does not divide "
+                         f"num_hidden_layers={arch.num_layers}"))
+    return problems
+
+
 def config_json_path(hf_path: str | Path) -> Path:
     path = Path(hf_path)
     return path / "config.json" if path.is_dir() or path.suffix != ".json" else path

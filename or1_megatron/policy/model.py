@@ -58,8 +58,13 @@ def _te_importable() -> bool:
     return True
 
 
-def transformer_config(arch: Qwen2Arch, model_cfg: ModelConfig, parallel: ParallelConfig) -> TransformerConfig:
-    """Megatron TransformerConfig for a Qwen2 decoder (bias on q/k/v only, SwiGLU, RMSNorm, GQA)."""
+def transformer_config(
+    arch: Qwen2Arch, model_cfg: ModelConfig, parallel: ParallelConfig, initialize: bool = True
+) -> TransformerConfig:
+    """Megatron TransformerConfig for a Qwen2 decoder (bias on q/k/v only, SwiGLU, RMSNorm, GQA).
+
+    `initialize=False` skips random initialisation, for models whose weights are loaded next.
+    """
     dtype = torch.bfloat16 if model_cfg.dtype == "bf16" else torch.float32
     on_gpu = torch.cuda.is_available()
     recompute = (
@@ -84,6 +89,7 @@ def transformer_config(arch: Qwen2Arch, model_cfg: ModelConfig, parallel: Parall
         attention_dropout=0.0,
         attention_softmax_in_fp32=True,
         init_method_std=0.02,
+        perform_initialization=initialize,
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         context_parallel_size=parallel.context_parallel,
@@ -216,9 +222,10 @@ def build_policy_model(
     pre_process: bool,
     post_process: bool,
     pp_rank: Optional[int] = None,
+    initialize: bool = True,
 ) -> PolicyGPTModel:
-    """Build this rank's stage of the policy (random init; load weights separately)."""
-    config = transformer_config(arch, model_cfg, parallel)
+    """Build this rank's stage of the policy (random init unless `initialize=False`)."""
+    config = transformer_config(arch, model_cfg, parallel, initialize)
     use_te = use_transformer_engine(model_cfg)
     return PolicyGPTModel(
         config=config,
