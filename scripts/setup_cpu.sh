@@ -11,4 +11,4 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c requirements/cpu.txt torch
 .venv/bin/python -m pip install -q -c requirements/cpu.txt -e ".[dev]"
-.venv/bin/python -c "import torch, megatron.core, or1_megatron; print('or1-megatron ready: torch', torch.__version__, 'megatron-core', megatron.core.__version__)"
+.venv/bin/python -W ignore -c "import torch, megatron.core, or1_megatron; print('or1-megatron ready: torch', torch.__version__, 'megatron-core', megatron.core.__version__)"
