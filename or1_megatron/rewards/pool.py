@@ -33,6 +33,7 @@ def _worker_main(conn: Connection, config: RewardConfig, reward_modules: Sequenc
     set_reward_config(config)
     for module in reward_modules:  # plug-ins register their rewards when imported
         importlib.import_module(module)
+    conn.send(None)  # ready: task deadlines must not include this start-up (imports take seconds)
     while True:
         message = conn.recv()
         if message is None:
@@ -44,13 +45,18 @@ def _worker_main(conn: Connection, config: RewardConfig, reward_modules: Sequenc
             conn.send((index, 0.0, f"{type(exc).__name__}: {exc}"))
 
 
+# How long a spawned worker may take to import its modules before the pool gives up on it.
+_STARTUP_TIMEOUT_S = 180.0
+
+
 @dataclasses.dataclass
 class _Worker:
     process: Any
     conn: Connection
     index: int
+    ready: bool = False
     task: int | None = None
-    deadline: float = 0.0
+    deadline: float = 0.0  # of its start-up while not ready, then of its task
 
 
 class RewardPool:
@@ -81,7 +87,8 @@ class RewardPool:
                                     daemon=True, name=f"or1-reward-{index}")
         process.start()
         child.close()
-        return _Worker(process=process, conn=parent, index=index)
+        return _Worker(process=process, conn=parent, index=index,
+                       deadline=time.monotonic() + _STARTUP_TIMEOUT_S)
 
     def _replace(self, worker: _Worker) -> _Worker:
         worker.process.kill()
@@ -96,38 +103,51 @@ class RewardPool:
         self.errors = []
         scores = [0.0] * len(tasks)
         todo = list(range(len(tasks)))[::-1]
-        busy: dict[Connection, _Worker] = {}
-        while todo or busy:
+        while todo or any(w.task is not None for w in self._workers):
             for worker in list(self._workers):
-                if worker.task is None and todo and worker.conn not in busy:
-                    index = todo.pop()
-                    try:
-                        worker.conn.send((index, tasks[index]))
-                    except OSError:  # the worker died while idle (e.g. killed for memory)
-                        worker = self._replace(worker)
-                        worker.conn.send((index, tasks[index]))
-                    worker.task, worker.deadline = index, time.monotonic() + self.task_timeout_s
-                    busy[worker.conn] = worker
-            nearest = min(w.deadline for w in busy.values())
-            for conn in wait(list(busy), timeout=max(0.0, nearest - time.monotonic())):
-                worker = busy.pop(conn)
+                if worker.ready and worker.task is None and todo:
+                    self._send(worker, todo.pop(), tasks, todo)
+            # Wait on workers still starting and workers with a task.
+            waiting = {w.conn: w for w in self._workers if not w.ready or w.task is not None}
+            nearest = min(w.deadline for w in waiting.values())
+            for conn in wait(list(waiting), timeout=max(0.0, nearest - time.monotonic())):
+                worker = waiting[conn]
                 try:
-                    index, score, error = conn.recv()
+                    message = conn.recv()
                 except (EOFError, OSError):
-                    index, score, error = worker.task, 0.0, "reward worker died"
+                    if not worker.ready:  # a worker that cannot even start would die again
+                        raise RuntimeError(f"reward worker {worker.index} died while starting "
+                                           f"(reward modules: {self.reward_modules})") from None
+                    self._report(worker.task, "reward worker died")
                     self._replace(worker)
-                else:
-                    worker.task = None
+                    continue
+                if message is None:
+                    worker.ready = True
+                    continue
+                index, score, error = message
+                worker.task = None
                 scores[index] = score
                 if error:
                     self._report(index, error)
             now = time.monotonic()
-            for conn, worker in list(busy.items()):
-                if worker.deadline <= now:
-                    busy.pop(conn)
-                    self._report(worker.task, f"timed out after {self.task_timeout_s:.0f} s")
-                    self._replace(worker)
+            for worker in waiting.values():
+                if worker.deadline > now or worker not in self._workers:
+                    continue
+                if worker.task is None:
+                    raise RuntimeError(f"reward worker {worker.index} did not start within "
+                                       f"{_STARTUP_TIMEOUT_S:.0f} s (reward modules: {self.reward_modules})")
+                self._report(worker.task, f"timed out after {self.task_timeout_s:.0f} s")
+                self._replace(worker)
         return scores
+
+    def _send(self, worker: _Worker, index: int, tasks: Sequence[dict[str, Any]], todo: list[int]) -> None:
+        try:
+            worker.conn.send((index, tasks[index]))
+        except OSError:  # the worker died while idle (e.g. killed for memory): its fresh
+            self._replace(worker)  # replacement takes the task once it is ready
+            todo.append(index)
+            return
+        worker.task, worker.deadline = index, time.monotonic() + self.task_timeout_s
 
     def _report(self, index: int, error: str) -> None:
         self.errors.append((index, error))
