@@ -50,10 +50,14 @@ def test_entropy_controller_state_round_trips():
     ctrl = AdaptiveEntropyController(target=0.2, delta=1e-4, coef_max=5e-3)
     for e in (0.1, 0.1, 0.3, 0.1):
         ctrl.step(e)
-    resumed = AdaptiveEntropyController()
+    resumed = AdaptiveEntropyController(target=0.2, delta=1e-4, coef_max=5e-3)  # from the config
     resumed.load_state_dict(ctrl.state_dict())
     assert resumed == ctrl
     assert [resumed.step(e) for e in (0.1, 0.25)] == [ctrl.step(e) for e in (0.1, 0.25)]
+    # a new stage's config keeps its own hyper-parameters; the carried coefficient is clamped
+    next_stage = AdaptiveEntropyController(target=0.3, delta=1e-3, coef_max=1e-4)
+    next_stage.load_state_dict(ctrl.state_dict())
+    assert (next_stage.target, next_stage.delta, next_stage.coef) == (0.3, 1e-3, 1e-4)
     with pytest.raises(KeyError, match="bogus"):
         resumed.load_state_dict({"bogus": 1.0})
     with pytest.raises(ValueError, match="coef_min"):

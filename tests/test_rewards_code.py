@@ -140,6 +140,31 @@ def test_reward_hacks_score_zero(hack):
     assert code_score(_response(hack + "\ndef f(x):\n    return 0"), ground_truth) == 0.0
 
 
+RIGGED_EQ = """
+class Always:
+    def __eq__(self, other):
+        return True
+    def __ne__(self, other):
+        return False
+"""
+
+
+@pytest.mark.parametrize("ground_truth, solution", [
+    # functional tests are compared outside the sandbox: a rigged __eq__ is just unserialisable
+    ({"inputs": ["1"], "outputs": ["2"], "fn_name": "f"}, RIGGED_EQ + "def f(x):\n    return Always()"),
+    # patching the harness's own functions after it bound them changes nothing
+    ({"inputs": ["1"], "outputs": ["2"], "fn_name": "f"},
+     "import __main__\n__main__._functional_tests = lambda s, n, o: []\ndef f(x):\n    return 0"),
+    ({"assert_case": ["assert f(1) == 2"]},
+     "import __main__\n__main__._assert_case_tests = lambda s, n, o: [lambda: None]\ndef f(x):\n    return 0"),
+])
+def test_tampering_with_the_harness_scores_zero(ground_truth, solution):
+    assert code_score(_response(solution), ground_truth) == 0.0
+    honest = solution.rsplit("def f(x):", 1)[0] + "def f(x):\n    return x + 1"
+    if "Always" not in solution:  # the same tampering around a right answer still passes
+        assert code_score(_response(honest), ground_truth) == 1.0
+
+
 def test_output_comparison():
     assert outputs_match("1 2\n3  \n\n", "1 2\n3")
     assert outputs_match("0.3333333", "0.33333333")

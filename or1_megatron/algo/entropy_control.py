@@ -3,12 +3,13 @@
 After each step the controller moves its coefficient c by `delta` towards keeping the rollout
 entropy at `target` (up when below, down when above), clamped to [coef_min, coef_max]; the bonus
 applied in a step is alpha = c * 1{e <= target}, so a policy above target gets no bonus at all.
-Its state is part of every checkpoint (state_dict / load_state_dict), so a resumed run applies
-the same coefficients as one that never stopped.
+Its state, c alone, is part of every checkpoint (state_dict / load_state_dict), so a resumed run
+applies the same coefficients as one that never stopped; target, delta and the clamp come from
+the run's config, so a new stage may change them.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 
 @dataclass
@@ -34,10 +35,10 @@ class AdaptiveEntropyController:
         return alpha
 
     def state_dict(self) -> dict[str, float]:
-        return asdict(self)
+        return {"coef": self.coef}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        for key, value in state.items():
-            if not hasattr(self, key):
-                raise KeyError(f"unknown entropy controller state {key!r}")
-            setattr(self, key, float(value))
+        unknown = set(state) - {"coef"}
+        if unknown:
+            raise KeyError(f"unknown entropy controller state {sorted(unknown)}")
+        self.coef = min(max(float(state["coef"]), self.coef_min), self.coef_max)

@@ -42,7 +42,7 @@ class GroupFilter:
         return int(self.keep.sum())
 
     def metrics(self) -> dict[str, float]:
-        total = self.keep.numel()
+        total = max(self.keep.numel(), 1)
         return {
             "rollout/solve_none": self.solve_none / total,
             "rollout/solve_all": self.solve_all / total,

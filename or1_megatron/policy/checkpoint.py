@@ -92,15 +92,32 @@ def save_checkpoint(state: PolicyState, directory: str | Path, extra_state: dict
             "with_optimizer": state.has_optimizer,
         }
         (staging / META_NAME).write_text(json.dumps(meta, indent=2))
+        # Never a moment without a complete checkpoint on disk: the old one is moved aside,
+        # not deleted, until the new one has its name (a crash in between leaves `.previous`).
+        previous = _previous(final)
         if final.exists():
-            shutil.rmtree(final)
+            shutil.rmtree(previous, ignore_errors=True)
+            final.rename(previous)
         staging.rename(final)
+        shutil.rmtree(previous, ignore_errors=True)
     torch.distributed.barrier()
     return final
 
 
+def _previous(final: Path) -> Path:
+    return final.with_name(final.name + ".previous")
+
+
+def resolve_checkpoint_dir(directory: str | Path) -> Path:
+    """`directory`, or the copy a save interrupted between its two renames left beside it."""
+    directory = Path(directory)
+    if not (directory / META_NAME).is_file() and (_previous(directory) / META_NAME).is_file():
+        return _previous(directory)
+    return directory
+
+
 def read_metadata(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / META_NAME
+    path = resolve_checkpoint_dir(directory) / META_NAME
     if not path.is_file():
         raise CheckpointError(f"{directory}: not an or1-megatron checkpoint (no {META_NAME})")
     return json.loads(path.read_text())
@@ -128,6 +145,7 @@ def load_checkpoint(state: PolicyState, directory: str | Path) -> dict[str, Any]
 
     Sets `state.steps_done` and returns the caller's extra state saved with the checkpoint.
     """
+    directory = resolve_checkpoint_dir(directory)
     meta = check_compatible(state, directory)
     if state.has_optimizer and not meta.get("with_optimizer", False):
         raise CheckpointError(f"{directory}: saved without optimizer state (weights only)")

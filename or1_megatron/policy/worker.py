@@ -224,6 +224,7 @@ class PolicyWorker:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run_schedule(micro_batches, loss_on_last_stage, forward_only=False)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         update_ok, grad_norm, _ = self.optimizer.step()
         if not update_ok:
             raise FloatingPointError("optimizer step skipped: gradients contain inf/nan")
@@ -231,7 +232,7 @@ class PolicyWorker:
         self.steps_done += 1
         metrics = self._reduce_metrics(outputs)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["lr"] = lr
         return metrics
 
     def _state(self, with_optimizer: bool) -> PolicyState:

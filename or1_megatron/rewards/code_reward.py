@@ -67,6 +67,39 @@ def outputs_match(got: str, want: Any) -> bool:
     return True
 
 
+def _same_value(got: Any, want: Any) -> bool:
+    """Equality of JSON values (tuples arrive as lists), with a tolerance for floats."""
+    if isinstance(got, float) or isinstance(want, float):
+        if isinstance(got, bool) or isinstance(want, bool):
+            return got == want
+        try:
+            return math.isclose(float(got), float(want), rel_tol=1e-6, abs_tol=1e-6)
+        except (TypeError, ValueError):
+            return False
+    if isinstance(got, list) and isinstance(want, list):
+        return len(got) == len(want) and all(_same_value(g, w) for g, w in zip(got, want))
+    if isinstance(got, dict) and isinstance(want, dict):
+        return got.keys() == want.keys() and all(_same_value(got[k], want[k]) for k in got)
+    return got == want
+
+
+def _functional_outputs_match(got_json: list[str], expected: list[Any]) -> bool:
+    """Return values reported by the sandbox (JSON text) against the expected outputs."""
+    if len(got_json) != len(expected):
+        return False
+    for got_text, want in zip(got_json, expected):
+        try:
+            got = json.loads(got_text)
+            want = json.loads(want) if isinstance(want, str) else want
+        except (TypeError, ValueError):
+            return False
+        # APPS/TACO wrap a single return value in a list.
+        if not (_same_value(got, want) or (isinstance(want, list) and len(want) == 1
+                                           and _same_value(got, want[0]))):
+            return False
+    return True
+
+
 def _run_stdin_tests(sandbox: Sandbox, code: str, tests: CodeTests, config: RewardConfig) -> bool:
     deadline = time.monotonic() + config.code_total_timeout_s
     for index, (case_input, case_output) in enumerate(zip(tests.inputs, tests.outputs)):
@@ -87,7 +120,8 @@ def _harness_spec(code: str, tests: CodeTests, per_test_s: float) -> dict[str, A
     spec: dict[str, Any] = {"mode": tests.kind, "solution": code, "prefix": tests.import_prefix,
                             "per_test_s": per_test_s}
     if tests.kind == "functional":
-        spec.update(fn_name=tests.fn_name, inputs=tests.inputs, outputs=tests.outputs)
+        # The expected outputs stay out of the sandbox: they are compared here.
+        spec.update(fn_name=tests.fn_name, inputs=tests.inputs)
     elif tests.kind == "assert":
         spec.update(test_code=tests.test_code, entry_point=tests.entry_point)
     else:
@@ -106,7 +140,11 @@ def _run_harness_tests(sandbox: Sandbox, code: str, tests: CodeTests, config: Re
             verdict = json.loads(line[len(secret) + 1:])
             if verdict["detail"]:
                 logger.debug("harness: %s", verdict["detail"])
-            return verdict["total"] > 0 and verdict["passed"] == verdict["total"]
+            if not (verdict["total"] > 0 and verdict["passed"] == verdict["total"]):
+                return False
+            if tests.kind == "functional":
+                return _functional_outputs_match(verdict["outputs"], tests.outputs)
+            return True
     logger.debug("harness gave no verdict: rc=%s timed_out=%s stderr=%s", result.returncode,
                  result.timed_out, result.stderr[-500:])
     return False

@@ -29,6 +29,7 @@ def _worker_main(conn: Connection, config: RewardConfig, reward_modules: Sequenc
     import importlib
 
     from or1_megatron.rewards.registry import compute_score, set_reward_config
+    from or1_megatron.rewards.sandbox import SandboxError
 
     set_reward_config(config)
     for module in reward_modules:  # plug-ins register their rewards when imported
@@ -41,6 +42,8 @@ def _worker_main(conn: Connection, config: RewardConfig, reward_modules: Sequenc
         index, task = message
         try:
             conn.send((index, float(compute_score(**task)), ""))
+        except SandboxError as exc:  # no isolation: every code reward would be a silent 0
+            conn.send((index, None, f"sandbox unusable: {exc}"))
         except Exception as exc:  # a bad row or a reward bug scores 0 and is reported, never fatal
             conn.send((index, 0.0, f"{type(exc).__name__}: {exc}"))
 
@@ -126,18 +129,21 @@ class RewardPool:
                     continue
                 index, score, error = message
                 worker.task = None
+                if score is None:
+                    raise RuntimeError(f"reward task {index}: {error}")
                 scores[index] = score
                 if error:
                     self._report(index, error)
             now = time.monotonic()
             for worker in waiting.values():
-                if worker.deadline > now or worker not in self._workers:
+                if worker.deadline > now or not any(w is worker for w in self._workers):
                     continue
-                if worker.task is None:
+                if not worker.ready:
                     raise RuntimeError(f"reward worker {worker.index} did not start within "
                                        f"{_STARTUP_TIMEOUT_S:.0f} s (reward modules: {self.reward_modules})")
-                self._report(worker.task, f"timed out after {self.task_timeout_s:.0f} s")
-                self._replace(worker)
+                if worker.task is not None:  # (a result that arrived in this pass is not late)
+                    self._report(worker.task, f"timed out after {self.task_timeout_s:.0f} s")
+                    self._replace(worker)
         return scores
 
     def _send(self, worker: _Worker, index: int, tasks: Sequence[dict[str, Any]], todo: list[int]) -> None:

@@ -5,13 +5,19 @@ a script by the sandbox's interpreter with only the standard library; it must ne
 or1_megatron (the package is not a dependency of the sandboxed interpreter).
 
 Protocol: the spec arrives as JSON on stdin, including a per-run secret. The harness then points
-stdin and stdout at /dev/null before any solution code runs, so the solution cannot read the secret
-nor print a verdict of its own; the verdict goes to a private duplicate of the original stdout as
-one line `<secret> <json>`. An `exit(0)` inside the solution therefore yields no verdict (score 0).
+stdin and stdout at /dev/null before any solution code runs, so the solution cannot print a verdict
+line by accident or read the spec; the verdict goes to a private duplicate of the original stdout
+as one line `<secret> <json>`. An `exit(0)` inside the solution therefore yields no verdict (score 0).
+
+Trust: functional tests are judged OUTSIDE the sandbox. The harness receives only their inputs and
+reports each return value as JSON; the reward process compares them with the expected outputs,
+which never enter the sandbox, so no tampering inside it can turn a wrong answer into a pass.
+Assert-based tests must run their asserts next to the solution, in this process: the harness binds
+everything it needs before the solution runs (patching this module's globals changes nothing), but
+a solution that walks interpreter frames or replaces builtins could still fake a verdict there.
 """
 import ast
 import json
-import math
 import os
 import signal
 import sys
@@ -25,36 +31,11 @@ def _on_alarm(signum, frame):
     raise TestTimeout()
 
 
-def _same(got, want):
-    """Equality after JSON normalisation (tuples -> lists), with a tolerance for floats."""
-    if isinstance(got, float) or isinstance(want, float):
-        try:
-            return math.isclose(float(got), float(want), rel_tol=1e-6, abs_tol=1e-6)
-        except (TypeError, ValueError):
-            return False
-    if isinstance(got, (list, tuple)) and isinstance(want, (list, tuple)):
-        return len(got) == len(want) and all(_same(g, w) for g, w in zip(got, want))
-    if isinstance(got, dict) and isinstance(want, dict):
-        return got.keys() == want.keys() and all(_same(got[k], want[k]) for k in got)
-    return got == want
-
-
 def _parse_args(case_input):
     # LiveCodeBench: one JSON value per line; APPS/TACO: already a list of arguments.
     if isinstance(case_input, str):
         return [json.loads(line) for line in case_input.split("\n") if line.strip()]
     return list(case_input)
-
-
-def _parse_expected(case_output):
-    return json.loads(case_output) if isinstance(case_output, str) else case_output
-
-
-def _matches(got, want):
-    if _same(got, want):
-        return True
-    # APPS/TACO wrap a single return value in a list.
-    return isinstance(want, list) and len(want) == 1 and _same(got, want[0])
 
 
 def _timed(seconds, fn, *args):
@@ -72,21 +53,20 @@ def _exec_solution(spec):
     return namespace
 
 
-def _functional_tests(spec, namespace):
+def _functional_tests(spec, namespace, outputs):
+    """One test per input; each appends the return value, as JSON text, to `outputs`."""
     name = spec["fn_name"]
     solution_class = namespace.get("Solution")
     if solution_class is not None and hasattr(solution_class, name):
         fn = getattr(solution_class(), name)
     else:
         fn = namespace[name]  # OR1 also accepts a bare function named fn_name
+    dumps = json.dumps
     tests = []
-    for case_input, case_output in zip(spec["inputs"], spec["outputs"]):
-        def run(case_input=case_input, case_output=case_output):
-            got = fn(*_parse_args(case_input))
-            # json round trip: tuples become lists as in the expected values.
-            got = json.loads(json.dumps(got))
-            if not _matches(got, _parse_expected(case_output)):
-                raise AssertionError("wrong answer")
+    for case_input in spec["inputs"]:
+        def run(case_input=case_input):
+            # Serialised here, compared outside: an object with a rigged __eq__ is just its JSON.
+            outputs.append(dumps(fn(*_parse_args(case_input))))
         tests.append(run)
     return tests
 
@@ -99,7 +79,7 @@ def _statement_tests(statements, namespace):
     return tests
 
 
-def _assert_tests(spec, namespace):
+def _assert_tests(spec, namespace, outputs):
     tree = ast.parse(spec["test_code"])
     check = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "check"), None)
     if check is None:
@@ -113,7 +93,7 @@ def _assert_tests(spec, namespace):
     return _statement_tests(check.body, namespace)
 
 
-def _assert_case_tests(spec, namespace):
+def _assert_case_tests(spec, namespace, outputs):
     statements = []
     for case in spec["assert_case"]:
         statements.extend(ast.parse(case).body)
@@ -128,22 +108,25 @@ def main():
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     signal.signal(signal.SIGALRM, _on_alarm)
-    passed, total, detail = 0, 0, ""
+    # Bound before any solution code runs: rebinding module globals later changes nothing here.
+    build = {"functional": _functional_tests, "assert": _assert_tests,
+             "assert_case": _assert_case_tests}[spec["mode"]]
+    timed, exec_solution, write, dumps = _timed, _exec_solution, os.write, json.dumps
+    per_test_s = spec["per_test_s"]
+    passed, total, detail, outputs = 0, 0, "", []
     try:
-        namespace = _exec_solution(spec)
-        builders = {"functional": _functional_tests, "assert": _assert_tests,
-                    "assert_case": _assert_case_tests}
-        tests = _timed(spec["per_test_s"], builders[spec["mode"]], spec, namespace)
+        namespace = exec_solution(spec)
+        tests = timed(per_test_s, build, spec, namespace, outputs)
         total = len(tests)
-        for index, test in enumerate(tests):
-            _timed(spec["per_test_s"], test)
+        for test in tests:
+            timed(per_test_s, test)
             passed += 1
     except TestTimeout:
         detail = f"test {passed}: time limit exceeded"
     except BaseException as exc:  # the verdict must be written whatever the solution raised
         detail = f"test {passed}: {type(exc).__name__}: {str(exc)[:200]}"
-    line = secret + " " + json.dumps({"passed": passed, "total": total, "detail": detail}) + "\n"
-    os.write(verdict_fd, line.encode())
+    verdict = {"passed": passed, "total": total, "detail": detail, "outputs": outputs}
+    write(verdict_fd, (secret + " " + dumps(verdict) + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -337,7 +337,8 @@ class CpuEngine:
                 except Exception as exc:  # a model failure answers the wave's requests, not a hang
                     log.exception("generation wave failed")
                     for seq in list(self._running):
-                        self._finish(seq, protocol.finish_abort(f"engine error: {exc}"))
+                        if seq.finish is None:  # samples that already finished keep their answer
+                            self._finish(seq, protocol.finish_abort(f"engine error: {exc}"))
                     self._running = []
             else:
                 self._wake.wait(0.05)
