@@ -22,7 +22,7 @@ class ModelConfig:
     megatron_checkpoint: str = ""
     # Parameter and compute dtype of the policy: fp32 or bf16.
     dtype: str = "bf16"
-    # Megatron pads the vocabulary to a multiple of this times the TP size.
+    # The vocabulary is padded to a multiple of lcm(this, TP) rows (TP-independent when TP divides it).
     make_vocab_size_divisible_by: int = 128
     # Full activation recompute of every transformer layer.
     recompute: bool = False
@@ -86,8 +86,9 @@ class SyncConfig:
     # distributed: a gloo/NCCL group with the engines (update_weights_from_distributed);
     # disk: safetensors files + update_weights_from_disk.
     transport: str = "colocated"
-    # Size of one bucket of HF tensors; a sending rank holds its shards plus one bucket.
-    bucket_mb: int = 512
+    # Bucket memory of a sending rank (MiB; fractions for tests), used as two half-size
+    # buckets: one in flight while the next is packed. A tensor larger than half goes alone.
+    bucket_mb: float = 512.0
     # After each sync the trainer and every engine score a fixed probe batch; the step fails,
     # naming the engine, if their log-probabilities differ by more than verify_tolerance.
     verify: bool = True

@@ -35,6 +35,8 @@ def validate(cfg: OR1Config, source: str) -> None:
     _check(p.context_parallel == 1 or m.layer_spec != "local", source, "parallel.context_parallel",
            "context parallelism needs transformer-engine attention (model.layer_spec te/auto on GPUs)")
 
+    _check(m.make_vocab_size_divisible_by >= 1, source, "model.make_vocab_size_divisible_by",
+           f"must be >= 1, got {m.make_vocab_size_divisible_by}")
     _check(o.lr > 0, source, "optim.lr", f"must be > 0, got {o.lr}")
     _check(o.warmup_steps >= 0, source, "optim.warmup_steps", "must be >= 0")
     _check(o.clip_grad >= 0, source, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
@@ -62,7 +64,8 @@ def validate(cfg: OR1Config, source: str) -> None:
            f"{s.transport!r} is not one of {SYNC_TRANSPORTS}")
     _check(s.pause_mode in SYNC_PAUSE_MODES, source, "sync.pause_mode",
            f"{s.pause_mode!r} is not one of {SYNC_PAUSE_MODES}")
-    _check(s.bucket_mb >= 1, source, "sync.bucket_mb", f"must be >= 1, got {s.bucket_mb}")
+    _check(s.bucket_mb * (1 << 20) >= 1024, source, "sync.bucket_mb",
+           f"must be at least 1 KiB (0.001), got {s.bucket_mb}")
     _check(s.verify_tolerance > 0, source, "sync.verify_tolerance",
            f"must be > 0, got {s.verify_tolerance}")
     _check(s.verify_prompts >= 1 and s.verify_new_tokens >= 1, source, "sync.verify_prompts",

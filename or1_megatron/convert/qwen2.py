@@ -209,13 +209,13 @@ class Qwen2Mapping:
         if m.kind == REPLICATED:
             return [shards[0]]
         if m.kind == ROW:
-            return [torch.cat(shards, dim=1)]
+            return [_cat(shards, dim=1)]
         if m.kind == VOCAB:
-            return [torch.cat(shards, dim=0)[: self.arch.vocab_size]]
+            return [_cat(shards, dim=0)[: self.arch.vocab_size]]
         if m.kind == GATE_UP:
             halves = [s.chunk(2, dim=0) for s in shards]
-            return [torch.cat([g for g, _ in halves]), torch.cat([u for _, u in halves])]
-        return self._split_qkv(torch.cat(shards, dim=0))
+            return [_cat([g for g, _ in halves]), _cat([u for _, u in halves])]
+        return self._split_qkv(_cat(shards, dim=0))
 
     def _split_qkv(self, fused: torch.Tensor) -> list[torch.Tensor]:
         a = self.arch
@@ -225,6 +225,11 @@ class Qwen2Mapping:
         per_group = fused.reshape(groups, q_per_group + 2 * d, *tail)
         q, k, v = per_group.split([q_per_group, d, d], dim=1)
         return [q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)]
+
+
+def _cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """torch.cat without the copy for a single part (TP=1): the weight sync streams views."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def check_names(

@@ -150,12 +150,16 @@ class HttpEngine:
     async def end_weight_update(self) -> str:
         return await self._success("/end_weight_update")
 
-    async def update_weights_from_tensor(self, named_tensors: list[tuple[str, torch.Tensor]], *,
+    async def update_weights_from_tensor(self, named_tensors: list[tuple[str, torch.Tensor]]
+                                         | SharedPayload, *,
                                          load_format: str | None = "flattened_bucket",
                                          weight_version: str | None = None,
                                          flush_cache: bool = True,
                                          abort_all_requests: bool = False) -> str:
-        payload = SharedPayload(named_tensors, load_format, copies=self.tp_size)
+        """Send tensors, or a ready SharedPayload (with `tp_size` copies), which this releases."""
+        payload = (named_tensors if isinstance(named_tensors, SharedPayload)
+                   else SharedPayload(named_tensors, load_format, copies=self.tp_size))
+        load_format = payload.load_format
         body = {"serialized_named_tensors": payload.texts, "load_format": load_format,
                 "flush_cache": flush_cache, "abort_all_requests": abort_all_requests,
                 "weight_version": weight_version}

@@ -169,6 +169,19 @@ class SharedPayload:
             tensors = [t for _, t in obj]
         else:
             raise ValueError(f"unknown load_format {load_format!r}")
+        self._seal(obj, tensors, load_format, copies)
+
+    @classmethod
+    def of_flattened(cls, bucket: dict[str, Any], copies: int = 1) -> "SharedPayload":
+        """A payload of an already flattened bucket, without copying it (the weight sync keeps
+        its bucket buffer in shared memory, so serialising passes only its file name)."""
+        payload = cls.__new__(cls)
+        payload._seal(bucket, [bucket["flattened_tensor"]], "flattened_bucket", copies)
+        return payload
+
+    def _seal(self, obj: Any, tensors: list[torch.Tensor], load_format: str | None,
+              copies: int) -> None:
+        use_file_system_sharing()
         self.load_format = load_format
         # One pickle per engine TP rank: each rank's decode drops the reference its pickle added.
         self.texts = [serialize(obj) for _ in range(copies)]

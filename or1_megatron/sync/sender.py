@@ -1,0 +1,102 @@
+"""The trainer-rank side of a push: which ranks take part, which one sends, and the send loop.
+
+All TP ranks of a stage's first data-parallel replica iterate the export stream together (each
+parameter is an all-gather over TP); only their TP-rank-0 member packs the gathered tensors into
+buckets and hands them to the transport, so each pipeline stage sends its own layers once. The
+other data-parallel replicas hold the same weights and do nothing. The senders of all stages
+form one of megatron's pipeline groups (TP rank 0, DP rank 0), which orders them when the
+transport needs it. This module never talks to
+the coordinator: it gets a PushPlan and returns a PushReport.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Iterable
+
+import torch
+from megatron.core import parallel_state
+
+from or1_megatron.policy.export import iter_stage_hf_tensors
+from or1_megatron.policy.parallel import RankLayout
+from or1_megatron.sync.buckets import ALIGN, BucketBuffer, iter_buckets
+from or1_megatron.sync.plan import PushPlan, PushReport
+from or1_megatron.sync.transports import transport_class
+
+if TYPE_CHECKING:
+    from or1_megatron.policy.worker import PolicyWorker
+
+
+def sends(layout: RankLayout) -> bool:
+    """The rank that sends its pipeline stage's tensors."""
+    return layout.tp_rank == 0 and layout.dp_rank == 0
+
+
+class WeightSender:
+    """One per trainer rank. Keeps its bucket buffer between pushes (a shared-memory or GPU
+    buffer is costly to allocate and to register each time)."""
+
+    def __init__(self) -> None:
+        self._buffers: list[BucketBuffer] = []
+
+    def buffers(self, bucket_bytes: int) -> list[BucketBuffer]:
+        """Two buffers of half the bucket size: one in flight while the other is packed."""
+        half = max(ALIGN, bucket_bytes // 2 // ALIGN * ALIGN)
+        if not self._buffers or self._buffers[0].capacity != half:
+            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+            self._buffers = []  # free the old ones before allocating new ones
+            self._buffers = [BucketBuffer(half, device=device) for _ in range(2)]
+        return self._buffers
+
+    def push(self, worker: "PolicyWorker", plan: PushPlan) -> PushReport:
+        """Collective over the stage's TP group: stream this stage's HF tensors to the engines."""
+        layout = worker.layout
+        report = PushReport(rank=layout.rank, pp_stage=layout.pp_rank, sent=sends(layout))
+        if layout.dp_rank != 0:
+            return report
+        stream = iter_stage_hf_tensors(worker.unwrapped, worker.mapping, layout)
+        if not report.sent:
+            for _ in stream:  # take part in the all-gathers; the TP-rank-0 peer sends
+                pass
+            return report
+        start = time.perf_counter()
+        # Senders whose transport cannot interleave stages go one stage after the other: the
+        # k-th barrier of the senders' pipeline group opens once stages 0..k have sent.
+        in_turn = transport_class(plan.transport).stages_in_turn and layout.pp_size > 1
+        for _ in range(layout.pp_rank if in_turn else 0):
+            torch.distributed.barrier(group=parallel_state.get_pipeline_model_parallel_group())
+        try:
+            asyncio.run(self._send(stream, plan, layout.pp_rank, report))
+        finally:
+            for _ in range(layout.pp_size - layout.pp_rank if in_turn else 0):
+                torch.distributed.barrier(group=parallel_state.get_pipeline_model_parallel_group())
+        report.seconds = time.perf_counter() - start
+        return report
+
+    async def _send(self, stream: Iterable[tuple[str, torch.Tensor]], plan: PushPlan,
+                    pp_stage: int, report: PushReport) -> None:
+        transport = transport_class(plan.transport)(plan, pp_stage)
+        buckets = iter_buckets(stream, self.buffers(plan.bucket_bytes))
+        in_flight: asyncio.Task | None = None
+        try:
+            await asyncio.wait_for(transport.open(), plan.timeout_s)
+            while True:
+                # Pack the next bucket in a thread (copies and all-gathers release the GIL)
+                # while the event loop sends the previous one.
+                bucket = await asyncio.to_thread(next, buckets, None)
+                if in_flight is not None:
+                    await in_flight
+                    in_flight = None
+                if bucket is None:
+                    break
+                in_flight = asyncio.create_task(asyncio.wait_for(transport.send(bucket),
+                                                                 plan.timeout_s))
+                report.buckets += 1
+                report.bytes += bucket.nbytes
+                report.tensors += len(bucket.metadata)
+        finally:
+            if in_flight is not None:
+                in_flight.cancel()
+                await asyncio.gather(in_flight, return_exceptions=True)
+            await asyncio.wait_for(transport.close(), plan.timeout_s)
+        report.failed = dict(transport.failed)

@@ -1,0 +1,97 @@
+"""Bucket packing, the colocated payload and the disk writer, without engines or trainer ranks."""
+from __future__ import annotations
+
+import gc
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from or1_megatron.errors import ConfigError
+from or1_megatron.rollout.serialization import SharedPayload, decode_named_tensors
+from or1_megatron.sync.buckets import ALIGN, BucketBuffer, iter_buckets
+from or1_megatron.sync.transports import write_safetensors
+from tests.policy_support import policy_config
+
+
+def _stream(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(3, 5), (7,), (40, 10), (2, 2, 3), (1,), (300, 4), (9, 9)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.int64,
+              torch.float32, torch.bfloat16]
+    return [(f"t{i}", torch.randn(s, generator=g).to(d)) for i, (s, d) in enumerate(zip(shapes, dtypes))]
+
+
+def _own_shm_files() -> list[str]:
+    return [f for f in os.listdir("/dev/shm") if f.startswith(f"torch_{os.getpid()}_")]
+
+
+def test_buckets_keep_order_values_and_the_size_bound():
+    stream = _stream()
+    buffer = BucketBuffer(2048)
+    seen = []
+    for bucket in iter_buckets(iter(stream), [buffer]):
+        assert bucket.flat.numel() <= max(2048, bucket.nbytes)
+        for meta in bucket.metadata:
+            assert meta.start_idx % ALIGN == 0
+        # copy out now: the next bucket reuses the buffer
+        seen += [(name, t.clone()) for name, t in bucket.named_tensors()]
+        if len(bucket.metadata) == 1 and bucket.nbytes > 2048:
+            assert bucket.metadata[0].name == "t5"  # 4800 bytes: alone, in its own buffer
+    assert [n for n, _ in seen] == [n for n, _ in stream]
+    for (_, got), (_, want) in zip(seen, stream):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def _send_and_decode_one_bucket() -> None:
+    stream = _stream(1)
+    buffer = BucketBuffer(1 << 16)
+    [bucket] = list(iter_buckets(iter(stream), [buffer]))
+    payload = SharedPayload.of_flattened(bucket.payload(), copies=2)
+    for text in payload.texts:  # what each engine TP rank does
+        decoded = decode_named_tensors(text, "flattened_bucket")
+        assert [n for n, _ in decoded] == [n for n, _ in stream]
+        assert all(torch.equal(got, want) for (_, got), (_, want) in zip(decoded, stream))
+    payload.release(delivered=True)
+    SharedPayload.of_flattened(bucket.payload()).release(delivered=False)
+
+
+def test_bucket_payload_decodes_and_leaves_no_shared_memory():
+    _send_and_decode_one_bucket()
+    gc.collect()
+    assert _own_shm_files() == []
+
+
+def test_disk_writer_produces_safetensors_that_load_back(tmp_path):
+    stream = [(n, t) for n, t in _stream(2) if t.dtype != torch.int64] + [("i", torch.arange(5))]
+    [bucket] = list(iter_buckets(iter(stream), [BucketBuffer(1 << 16, shared=False)]))
+    path = tmp_path / "b.safetensors"
+    write_safetensors(bucket, path)
+    with safe_open(str(path), framework="pt") as f:
+        assert list(f.keys()) == sorted(n for n, _ in stream)
+        for name, want in stream:
+            assert torch.equal(f.get_tensor(name), want)
+
+
+def test_sync_config_is_validated_by_key(tmp_path):
+    from or1_megatron.tiny_model import make_tiny_qwen2
+
+    hf = make_tiny_qwen2(tmp_path / "m")
+    assert policy_config(hf).sync.transport == "colocated"
+    with pytest.raises(ConfigError, match="sync.transport"):
+        policy_config(hf, **{"sync.transport": "carrier_pigeon"})
+    with pytest.raises(ConfigError, match="sync.pause_mode"):
+        policy_config(hf, **{"sync.pause_mode": "stop"})
+    with pytest.raises(ConfigError, match="sync.bucket_mb"):
+        policy_config(hf, **{"sync.bucket_mb": 0})
+
+
+def test_two_buffers_take_turns():
+    stream = [(f"t{i}", torch.full((100,), float(i))) for i in range(6)]  # 400 bytes each
+    buffers = [BucketBuffer(1024), BucketBuffer(1024)]
+    buckets = list(iter_buckets(iter(stream), buffers))
+    assert [len(b.metadata) for b in buckets] == [2, 2, 2]
+    owners = [b.flat.data_ptr() for b in buckets]
+    assert owners == [buffers[0].buffer.data_ptr(), buffers[1].buffer.data_ptr(),
+                      buffers[0].buffer.data_ptr()]

@@ -1,0 +1,209 @@
+"""Weight sync end to end: Megatron TP/PP trainer ranks -> two CPU engine processes.
+
+For each trainer layout (TP2, PP2, TP2xPP2) and each transport, the trainer trains one step,
+the coordinator syncs, and every engine's log-probabilities on the probe batch must equal the
+trainer's (checked before the sync too, where they must differ). An engine killed during a sync
+must come back with the new weights. Engines start once for the module; trainer ranks are
+forked per case (about a second).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+import torch
+
+from or1_megatron.config.schema import SyncConfig
+from or1_megatron.distributed.rank_group import RankGroup
+from or1_megatron.policy.worker import PolicyWorker
+from or1_megatron.sync.coordinator import WeightSyncCoordinator
+from or1_megatron.sync.plan import SyncVerificationError, WeightSyncError
+from or1_megatron.sync.sender import WeightSender
+from or1_megatron.tiny_model import make_tiny_qwen2
+from tests.policy_support import policy_config, random_sequences
+from tests.rollout_testutil import running_cpu_engines
+
+VOCAB = 300
+LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "tp2_pp2": (2, 2)}
+TRANSPORTS = ("colocated", "distributed", "disk")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return make_tiny_qwen2(tmp_path_factory.mktemp("tiny_qwen2"), vocab_size=VOCAB,
+                           max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="module")
+def engines(hf_dir, tmp_path_factory):
+    with running_cpu_engines(hf_dir, tmp_path_factory.mktemp("engine_logs"), count=2) as procs:
+        yield procs
+
+
+RANK_PIDS: list[int] = []  # every trainer rank this module forked
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_shared_memory_left(engines):
+    yield
+    for p in engines:
+        p.kill()
+    prefixes = tuple(f"torch_{pid}_" for pid in [os.getpid(), *RANK_PIDS])
+    left = [f for f in os.listdir("/dev/shm") if f.startswith(prefixes)]
+    assert RANK_PIDS and left == []
+
+
+# -- rank side (forked trainer ranks) ----------------------------------------------------------
+
+def setup_rank(rank, world, hf_dir, tp, pp):
+    worker = PolicyWorker(policy_config(hf_dir, tp, pp, world))
+    return {"worker": worker, "sender": WeightSender()}
+
+
+def train_rank(state, seed):
+    sequences = random_sequences(VOCAB, (7, 12, 5, 9), seed=seed)
+    predicted = sum(len(s) - 1 for s in sequences)
+
+    def loss_fn(logprob, entropy, mb):
+        return -(logprob * mb.target_mask).sum() / predicted, {}
+
+    return state["worker"].train_step(sequences, loss_fn)
+
+
+def push_rank(state, plan):
+    return state["sender"].push(state["worker"], plan)
+
+
+def score_rank(state, sequences):
+    results = state["worker"].compute_logprobs(sequences)
+    return None if results is None else [r.logprob.tolist() for r in results]
+
+
+# -- driver side -------------------------------------------------------------------------------
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=240))
+
+
+def sync_config(transport, tmp_path):
+    # Small buckets: the tiny model spans several, and its embedding is larger than one.
+    return SyncConfig(transport=transport, bucket_mb=0.03, verify=True, verify_tolerance=1e-4,
+                      timeout_s=60, disk_dir=str(tmp_path / "weights"))
+
+
+def hf_bytes(hf_dir) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(hf_dir / "model.safetensors"), framework="pt") as f:
+        return sum(f.get_tensor(k).numel() * 4 for k in f.keys())
+
+
+def driver(group):
+    RANK_PIDS.extend(group.pids)
+
+    def push(plan):
+        return group.call(push_rank, plan)
+
+    def score(sequences):
+        return next(r for r in group.call(score_rank, sequences) if r is not None)
+
+    return push, score
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_engines_equal_trainer_after_one_step(hf_dir, engines, tmp_path, layout, transport):
+    tp, pp = LAYOUTS[layout]
+    seed = 100 + 10 * list(LAYOUTS).index(layout) + TRANSPORTS.index(transport)
+    with RankGroup(tp * pp, setup_rank, hf_dir, tp, pp, timeout_s=120) as group:
+        push, score = driver(group)
+        group.call(train_rank, seed)  # a different step in each case: engines start stale
+        coordinator = WeightSyncCoordinator(engines, sync_config(transport, tmp_path),
+                                            vocab_size=VOCAB, hf_config_dir=str(hf_dir))
+
+        async def scenario():
+            try:
+                with pytest.raises(SyncVerificationError, match=r"engine 0 \(http"):
+                    await coordinator.verify(score)
+                report = await coordinator.sync(push, score)
+                versions = [await c.weight_version() for c in coordinator.clients]
+                return report, versions
+            finally:
+                await coordinator.close()
+
+        report, versions = run(scenario())
+    assert report.version == "1" and versions == ["1", "1"] and coordinator.version == 1
+    assert report.bytes_per_engine == hf_bytes(hf_dir)  # every tensor once, no vocab padding
+    assert report.buckets > pp  # bucketed, per stage
+    assert set(report.verify_max_diff) == {p.url for p in engines}
+    assert max(report.verify_max_diff.values()) <= 1e-4, report.verify_max_diff
+    assert report.restarted == []
+
+
+# Killed before the push: the sender finds the engine unreachable (colocated) or unhealthy
+# (distributed); killed after it: the engine had the weights but died before the session ended
+# (disk re-feeds it from this version's files).
+@pytest.mark.parametrize("transport,when", [("colocated", "before_push"),
+                                            ("distributed", "before_push"), ("disk", "after_push")])
+def test_engine_killed_during_sync_comes_back_with_the_new_weights(hf_dir, engines, tmp_path,
+                                                                   transport, when):
+    victim = engines[1]
+    restarts = victim.restarts
+    with RankGroup(4, setup_rank, hf_dir, 2, 2, timeout_s=120) as group:
+        push, score = driver(group)
+        group.call(train_rank, 200 + TRANSPORTS.index(transport) + (when == "before_push"))
+        coordinator = WeightSyncCoordinator(engines, sync_config(transport, tmp_path),
+                                            vocab_size=VOCAB, hf_config_dir=str(hf_dir))
+        pushes = []
+
+        def push_and_kill(plan):
+            if when == "before_push" and not pushes:
+                victim.kill()
+            pushes.append([t.index for t in plan.targets])
+            reports = push(plan)
+            if when == "after_push" and len(pushes) == 1:
+                victim.kill()  # it got the weights, then died before the session ended
+            return reports
+
+        async def scenario():
+            try:
+                first = await coordinator.sync(push_and_kill, score)
+                second = await coordinator.sync(push, score)  # the restarted engine keeps working
+                return first, second
+            finally:
+                await coordinator.close()
+
+        first, second = run(scenario())
+    assert first.restarted == [victim.url] and victim.restarts == restarts + 1
+    # The trainer pushed again to the restarted engine alone; disk re-feeds it from this
+    # version's files instead.
+    assert pushes == ([[0, 1]] if transport == "disk" else [[0, 1], [1]])
+    assert max(first.verify_max_diff.values()) <= 1e-4, first.verify_max_diff
+    assert second.version == "2" and second.restarted == []
+    assert torch.tensor(list(second.verify_max_diff.values())).max() <= 1e-4
+
+
+def test_a_hanging_push_times_out_and_the_next_sync_works(hf_dir, engines, tmp_path):
+    config = sync_config("colocated", tmp_path)
+    config.timeout_s = 2
+    with RankGroup(2, setup_rank, hf_dir, 2, 1, timeout_s=120) as group:
+        push, score = driver(group)
+        coordinator = WeightSyncCoordinator(engines, config, vocab_size=VOCAB)
+
+        def hanging_push(plan):
+            time.sleep(4)  # a trainer that never answers within sync.timeout_s
+            return []
+
+        async def scenario():
+            try:
+                with pytest.raises(WeightSyncError, match="did not finish within sync.timeout_s=2"):
+                    await coordinator.sync(hanging_push, score)
+                coordinator.config.timeout_s = 60
+                return await coordinator.sync(push, score)
+            finally:
+                await coordinator.close()
+
+        report = run(scenario())
+    assert report.version == "1" and max(report.verify_max_diff.values()) <= 1e-4
