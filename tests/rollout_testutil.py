@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
-from typing import Any, Coroutine
+from typing import Any, Coroutine, Iterator
 
 import torch
 
 from or1_megatron import tiny_model
+from or1_megatron.rollout.launcher import CpuEngineProcess
 
 
 def make_tiny_qwen2(path: Path, seed: int = 0) -> Path:
@@ -38,3 +40,20 @@ def forward_logprobs(model: Any, prompt: list[int], output: list[int]) -> torch.
 
 def run(coro: Coroutine) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout=180))
+
+
+@contextlib.contextmanager
+def running_cpu_engines(model_dir: Path, log_dir: Path, count: int = 1,
+                        **kwargs: Any) -> Iterator[list[CpuEngineProcess]]:
+    """`count` CPU engines started together and ready (120 s at most); all killed on exit."""
+    procs = [CpuEngineProcess(model_dir, num_threads=1, log_dir=log_dir, start_timeout_s=120, **kwargs)
+             for _ in range(count)]
+    try:
+        for process in procs:
+            process.start()
+        for process in procs:
+            process.wait_ready()
+        yield procs
+    finally:
+        for process in procs:
+            process.kill()

@@ -83,6 +83,13 @@ def filter_by_model_difficulty(records: Sequence[ProblemRecord], model: str,
     return result
 
 
+def format_pass_rate(uid: str, solved: int, samples: int) -> str:
+    """One line of a pass-rate file (what `load_pass_rates` reads), newline included."""
+    if not 0 <= solved <= samples or samples <= 0:
+        raise ValueError(f"{uid}: solved={solved} is not within 0..samples={samples}")
+    return json.dumps({"uid": str(uid), "solved": int(solved), "samples": int(samples)}) + "\n"
+
+
 def load_pass_rates(path: str | Path) -> dict[str, tuple[int, int]]:
     """Read a pass-rate file: JSON lines {"uid": str, "solved": int, "samples": int}."""
     rates: dict[str, tuple[int, int]] = {}

@@ -2,9 +2,11 @@
 
 `EngineProcess` is the lifecycle shared by every engine that runs as a server process; a
 subclass only says which command line to run. `CpuEngineProcess` runs `or1 serve`; the SGLang
-adapter runs `python -m sglang.launch_server`. Each process gets its own session, so a kill
-reaches the server's children too (SGLang forks scheduler and detokenizer processes), and its
-output goes to a log file whose tail is quoted when start-up fails. This module never sends
+adapter runs `python -m sglang.launch_server`; `AttachedEngine` stands for a server someone
+else started (given by URL), which is probed but never started, killed or restarted. Each
+process gets its own session, so a kill reaches the server's children too (SGLang forks
+scheduler and detokenizer processes), and its output goes to a log file whose tail is quoted
+when start-up fails. This module never sends
 requests beyond the readiness probe.
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -147,3 +150,34 @@ class CpuEngineProcess(EngineProcess):
                 "--random-seed", str(self.random_seed), "--num-threads", str(self.num_threads),
                 "--max-running-requests", str(self.max_running_requests),
                 "--weight-version", self.weight_version, *self.extra_args]
+
+
+class AttachedEngine(EngineProcess):
+    """An engine server this process did not start, given by its URL (`or1 serve` or SGLang).
+
+    The router uses it like any engine process: readiness and health are probed over HTTP, but it
+    is never started or killed from here, and a failed one cannot be restarted, so the router
+    takes it out of service and keeps serving with the others.
+    """
+
+    def __init__(self, url: str, *, start_timeout_s: float = 60.0):
+        parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme != "http" or not parts.hostname or not parts.port:
+            raise EngineStartError(f"engine URL {url!r} must look like http://HOST:PORT")
+        super().__init__(host=parts.hostname, port=parts.port, start_timeout_s=start_timeout_s)
+
+    def start(self) -> None:
+        raise EngineStartError(f"engine on {self.url} was attached by URL; start it yourself")
+
+    def alive(self) -> bool:
+        return True  # no process to poll here: the router's /health probes judge it
+
+    def kill(self, sig: int = signal.SIGKILL, timeout_s: float = 30.0) -> None:
+        return None  # not ours to kill
+
+    def restart(self) -> None:
+        raise EngineStartError(f"engine on {self.url} was attached by URL and cannot be restarted "
+                               "from here")
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "(engine attached by URL: its log is wherever it was started)"
