@@ -110,3 +110,12 @@ def test_sigkill_during_a_batch_restarts_engine_and_answers_every_request_once(m
     torch.testing.assert_close(torch.tensor(check.output_logprobs),
                                forward_logprobs(model, PROMPTS[0], check.output_ids),
                                atol=1e-4, rtol=0)
+
+
+def test_router_clients_send_one_payload_per_engine_tp_rank():
+    class TwoGpuEngine:  # what the router reads of an SGLangEngineProcess with tp_size=2
+        url = "http://127.0.0.1:9"
+        tp_size = 2
+
+    router = RolloutRouter([TwoGpuEngine()])
+    assert router.slots[0].client.tp_size == 2

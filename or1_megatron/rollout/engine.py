@@ -97,22 +97,33 @@ class RolloutEngine(Protocol):
 
 
 class HttpEngine:
-    """`RolloutEngine` over SGLang's HTTP API. `tp_size` payload copies go with tensor updates."""
+    """`RolloutEngine` over SGLang's HTTP API. `tp_size` payload copies go with tensor updates.
+
+    Connections are unlimited (aiohttp's default pool of 100 would cap the requests an engine
+    sees, and queueing for a connection would eat into their timeouts), and health checks use a
+    session of their own, so a busy engine is never mistaken for a dead one.
+    """
 
     def __init__(self, url: str, *, tp_size: int = 1, timeout_s: float = 600.0):
         self.url = url.rstrip("/")
         self.tp_size = tp_size
         self.timeout_s = timeout_s
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions: dict[str, aiohttp.ClientSession] = {}
+
+    def _session(self, purpose: str) -> aiohttp.ClientSession:
+        session = self._sessions.get(purpose)
+        if session is None or session.closed:
+            session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            self._sessions[purpose] = session
+        return session
 
     async def _request(self, method: str, endpoint: str, body: Any = None, *,
                        timeout_s: float | None = None) -> Any:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
+        session = self._session("health" if endpoint == "/health" else "work")
         timeout = aiohttp.ClientTimeout(total=timeout_s or self.timeout_s)
         try:
-            async with self._session.request(method, self.url + endpoint, json=body,
-                                             timeout=timeout) as response:
+            async with session.request(method, self.url + endpoint, json=body,
+                                       timeout=timeout) as response:
                 text = await response.text()
                 status = response.status
                 is_json = response.content_type == "application/json"
@@ -227,9 +238,9 @@ class HttpEngine:
         return (await self.model_info())["weight_version"]
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        sessions, self._sessions = self._sessions, {}
+        for session in sessions.values():
+            await session.close()
 
 
 def _json(text: str) -> Any:

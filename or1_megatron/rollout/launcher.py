@@ -102,11 +102,12 @@ class EngineProcess:
         """Signal the engine's whole process group and reap it."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                pass
+        # The group, not only its leader: a server whose leader already exited may have left
+        # children (schedulers, workers) behind. A group id is not reused while any member lives.
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            pass
         try:
             self.process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -63,7 +63,8 @@ class RolloutRouter:
                  resync: Resync | None = None):
         if not processes:
             raise ValueError("a router needs at least one engine process")
-        self._make_client = make_client or (lambda p: HttpEngine(p.url, timeout_s=request_timeout_s))
+        self._make_client = make_client or (lambda p: HttpEngine(
+            p.url, tp_size=getattr(p, "tp_size", 1), timeout_s=request_timeout_s))
         self.slots = [_Slot(i, p, self._make_client(p)) for i, p in enumerate(processes)]
         self.max_attempts = max_attempts
         self.health_interval_s = health_interval_s
@@ -169,9 +170,11 @@ class RolloutRouter:
         named = list(named_tensors)
         async with self._weights_lock:
             await self._on_healthy(lambda client: self._push(client, named, weight_version))
-            # Record only what every engine accepted: a refused update raised above.
-            for name, tensor in named:
-                self._weights[name] = tensor.detach().to("cpu", copy=True)
+            # Record only what every engine accepted: a refused update raised above. With a
+            # resync hook the caller re-feeds restarted engines, so no host copy is kept.
+            if self.resync is None:
+                for name, tensor in named:
+                    self._weights[name] = tensor.detach().to("cpu", copy=True)
             self.weight_version = weight_version or self.weight_version
 
     async def update_weights_from_disk(self, model_path: str, *,
