@@ -90,6 +90,27 @@ def test_malformed_row_names_file_row_and_field(tmp_path):
         load_problems(path)
 
 
+def test_malformed_values_are_row_errors_too(tmp_path):
+    rows = _skywork_rows()
+    rows[0]["extra_info"] = "not a mapping"  # a converter's dict() fails, not its own checks
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl: row 0: ValueError"):
+        load_problems(path)
+    assert len(load_problems(path, on_error="skip")) == len(rows) - 1
+
+
+def test_non_numeric_model_difficulty_is_named(tmp_path):
+    from or1_megatron.data.filters import filter_by_model_difficulty
+
+    rows = _skywork_rows()
+    rows[0]["extra_info"]["model_difficulty"] = {"R1-7B": "hard"}
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError, match=r"model_difficulty\['R1-7B'\]='hard'"):
+        filter_by_model_difficulty(load_problems(path), "R1-7B")
+
+
 def test_bad_code_ground_truth_is_a_row_error(tmp_path):
     rows = _skywork_rows()
     rows[1]["reward_model"]["ground_truth"] = json.dumps({"tests": []})

@@ -74,7 +74,12 @@ def filter_by_model_difficulty(records: Sequence[ProblemRecord], model: str,
             result.dropped[f"no model_difficulty for {model}"] += 1
             continue
         n = samples.get(record.ability, OFFLINE_SAMPLES["math"])
-        reason = _keep_by_solved(int(difficulty), n)
+        try:
+            solved = int(difficulty)
+        except (TypeError, ValueError):
+            raise DataError(record.uid, None, f"extra_info.model_difficulty[{model!r}]={difficulty!r} "
+                            "is not a number of solved samples") from None
+        reason = _keep_by_solved(solved, n)
         if reason:
             result.dropped[reason] += 1
         else:

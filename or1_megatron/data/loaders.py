@@ -198,10 +198,15 @@ def load_problems(path: str | Path, fmt: str = "auto", on_error: str = "raise",
                     raise DataError(str(path), index, f"no known schema has the keys {sorted(row)}")
                 converter = CONVERTERS[name]
             records.append(converter(row, f"{path.name}:{index}", data_source))
-        except RowError as exc:
+        except DataError:
+            raise
+        except (RowError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            # A converter's own checks raise RowError; anything else a malformed value provoked
+            # (a JSON string where a dict belongs, say) is reported the same way, with its type.
+            reason = str(exc) if isinstance(exc, RowError) else f"{type(exc).__name__}: {exc}"
             if on_error == "raise":
-                raise DataError(str(path), index, str(exc)) from exc
-            skips.skip(index, str(exc).split(" (row has")[0])
+                raise DataError(str(path), index, reason) from exc
+            skips.skip(index, reason.split(" (row has")[0])
     skips.log()
     return records
 
