@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,17 +21,12 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from or1_megatron.distributed.fork_launcher import free_port  # noqa: F401  (re-exported)
 from or1_megatron.errors import OR1Error
 
 
 class EngineStartError(OR1Error):
     """An engine process exited or did not answer /health within its start-up timeout."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class EngineProcess:
