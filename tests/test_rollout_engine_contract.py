@@ -1,7 +1,11 @@
 """The engine contract, checked over HTTP against every engine kind we can start here.
 
 Tiers: "cpu" (our CPU engine, `or1 serve`) always; "sglang" (a real SGLang server) on GPU
-machines only. An SGLang-CPU tier (SGLang's own CPU engine with import shims) is not built yet.
+machines only; "sglang_cpu" (SGLang's own CPU engine, marker `sglang_cpu`) when SGLang is
+installed in the interpreter running pytest: scripts/test_sglang_cpu.sh builds that venv and runs
+`pytest -m sglang_cpu`. The same assertions run against every engine; where SGLang deliberately
+behaves otherwise (it ignores unknown parameter names, a wrong shape or a refused pickle global
+kills it) the test asserts each engine's documented behaviour (`_is_sglang`).
 One engine per module; tests that change the engine's weights put the originals back.
 """
 from __future__ import annotations
@@ -16,9 +20,10 @@ import time
 import pytest
 import torch
 
-from or1_megatron.rollout.engine import EngineError, HttpEngine
+from or1_megatron.rollout.engine import EngineError, EngineUnavailable, HttpEngine
 from or1_megatron.rollout.launcher import CpuEngineProcess, free_port
 from or1_megatron.rollout.weight_group import WeightUpdateGroup
+from tests import sglang_cpu_engine
 from tests.rollout_testutil import (forward_logprobs, load_model, make_tiny_qwen2,
                                     perturbed_weights, run)
 
@@ -28,13 +33,19 @@ PROMPTS = [[5, 6, 7], [10, 11, 12, 13, 14, 15, 16], [20]]
 def _start_engine(kind: str, model_dir, log_dir):
     if kind == "cpu":
         return CpuEngineProcess(model_dir, num_threads=1, log_dir=log_dir, start_timeout_s=120)
+    if kind == "sglang_cpu":
+        reason = sglang_cpu_engine.unavailable_reason()
+        if reason:
+            pytest.skip(reason)
+        return sglang_cpu_engine.sglang_cpu_engine(model_dir, log_dir)
     from or1_megatron.rollout.sglang_adapter import SGLangEngineProcess
 
     return SGLangEngineProcess(model_dir, mem_fraction_static=0.2, dtype="float32",
                                log_dir=log_dir, start_timeout_s=600)
 
 
-@pytest.fixture(scope="module", params=["cpu", pytest.param("sglang", marks=pytest.mark.gpu)])
+@pytest.fixture(scope="module", params=["cpu", pytest.param("sglang", marks=pytest.mark.gpu),
+                                        pytest.param("sglang_cpu", marks=pytest.mark.sglang_cpu)])
 def engine(request, tmp_path_factory):
     model_dir = make_tiny_qwen2(tmp_path_factory.mktemp("tiny") / "model")
     process = _start_engine(request.param, model_dir, tmp_path_factory.mktemp("logs"))
@@ -44,6 +55,29 @@ def engine(request, tmp_path_factory):
         yield process, load_model(model_dir)
     finally:
         process.kill()
+
+
+@pytest.fixture(autouse=True)
+def _restart_a_dead_engine(engine):
+    """A test that kills the engine fails by itself; the next tests get a fresh one."""
+    yield
+    process, _ = engine
+    if not process.alive():
+        process.restart()
+        process.wait_ready()
+
+
+def _is_sglang(process) -> bool:
+    """SGLang's own server (GPU or CPU engine), as opposed to `or1 serve`."""
+    from or1_megatron.rollout.sglang_adapter import SGLangEngineProcess
+
+    return isinstance(process, SGLangEngineProcess)
+
+
+def _honours_sampling_seed(process) -> bool:
+    """SGLang applies `sampling_seed` only under --enable-deterministic-inference, which needs an
+    fa3/flashinfer/triton attention backend, so never on its CPU engine (torch_native)."""
+    return not _is_sglang(process) or "--enable-deterministic-inference" in process.command()
 
 
 def call(process, fn):
@@ -65,11 +99,12 @@ def sampled(seed, n=12):
     return {"max_new_tokens": n, "temperature": 1.0, "sampling_seed": seed, "ignore_eos": True}
 
 
-async def _update(client, named, version, load_format="flattened_bucket"):
+async def _update(client, named, version, load_format="flattened_bucket", flush_cache=True):
     await client.begin_weight_update()
     try:
         return await client.update_weights_from_tensor(list(named.items()), load_format=load_format,
-                                                       weight_version=version)
+                                                       weight_version=version,
+                                                       flush_cache=flush_cache)
     finally:
         await client.end_weight_update()
 
@@ -107,6 +142,8 @@ def test_sampled_logprobs_equal_forward_pass_and_seed_is_batch_independent(engin
     process, model = engine
     batch = call(process, lambda c: c.generate(PROMPTS, [sampled(i) for i in range(3)]))
     _assert_logprobs_match(model, PROMPTS, batch)
+    if not _honours_sampling_seed(process):
+        return  # SGLang without deterministic inference ignores sampling_seed
     alone = call(process, lambda c: c.generate(PROMPTS[1:2], sampled(1)))
     assert alone[0].output_ids == batch[1].output_ids
 
@@ -130,10 +167,17 @@ def test_stop_token_ids_finish_with_stop(engine):
     process, _ = engine
     [free] = call(process, lambda c: c.generate([PROMPTS[0]], greedy(8)))
     stop = free.output_ids[2]
-    params = dict(greedy(8), stop_token_ids=[stop])
+    params = dict(greedy(8), stop_token_ids=[stop], ignore_eos=False)  # the tiny model has no EOS
     [result] = call(process, lambda c: c.generate([PROMPTS[0]], params))
     assert result.output_ids == free.output_ids[:free.output_ids.index(stop) + 1]
     assert result.raw["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    # With ignore_eos, SGLang treats stop_token_ids as EOS tokens and ignores them too;
+    # the CPU engine still stops on them.
+    [ignoring] = call(process, lambda c: c.generate([PROMPTS[0]], dict(params, ignore_eos=True)))
+    if _is_sglang(process):
+        assert ignoring.output_ids == free.output_ids and ignoring.finish_reason == "length"
+    else:
+        assert ignoring.output_ids == result.output_ids and ignoring.finish_reason == "stop"
 
 
 @pytest.mark.parametrize("load_format", ["flattened_bucket", None])
@@ -172,6 +216,8 @@ def test_update_needs_begin_end_session(engine):
 
 def test_bad_payloads_are_errors_and_engine_keeps_serving(engine):
     process, model = engine
+    if _is_sglang(process):
+        return _check_sglang_bad_payloads_it_survives(process, model)
     [before] = call(process, lambda c: c.generate([PROMPTS[1]], greedy()))
     good = model.state_dict()["model.norm.weight"]
     evil = base64.b64encode(pickle.dumps(os.system)).decode()
@@ -209,6 +255,34 @@ def test_bad_payloads_are_errors_and_engine_keeps_serving(engine):
     assert after.output_logprobs == before.output_logprobs
 
 
+def _check_sglang_bad_payloads_it_survives(process, model):
+    """SGLang ignores unknown parameter names (`True, "Success"`, nothing loaded) and unknown
+    /generate fields, and answers invalid sampling parameters with 400; the weight payloads that
+    kill it are in the last test."""
+    [before] = call(process, lambda c: c.generate([PROMPTS[1]], greedy()))
+    good = model.state_dict()["model.norm.weight"]
+
+    async def check(client):
+        await client.begin_weight_update()
+        try:
+            message = await client.update_weights_from_tensor([("model.nope.weight", good)])
+        finally:
+            await client.end_weight_update()
+        assert message == "Success"
+        with pytest.raises(EngineError, match="top_p") as info:
+            await client.generate_raw({"input_ids": [1, 2], "sampling_params": {"top_p": 2.0}})
+        assert info.value.status == 400
+        answer = await client.generate_raw({"input_ids": [1, 2], "bogus": 1,
+                                            "sampling_params": greedy(2)})
+        assert answer["meta_info"]["completion_tokens"] == 2
+        assert await client.health()
+
+    call(process, check)
+    [after] = call(process, lambda c: c.generate([PROMPTS[1]], greedy()))
+    assert after.output_ids == before.output_ids  # the unknown name changed nothing
+    assert after.output_logprobs == before.output_logprobs
+
+
 async def _start_long(client, seed=5, n=500):
     task = asyncio.create_task(client.generate([PROMPTS[0]], sampled(seed, n)))
     await asyncio.sleep(0.2)  # let it be admitted and decode a few tokens
@@ -235,10 +309,13 @@ def test_pause_abort_returns_requests_and_blocks_new_ones_until_continue(engine)
 
 def test_pause_retract_resumes_with_the_same_result(engine):
     process, model = engine
+    # The same result needs the same randomness: greedy where sampling_seed is ignored.
+    params = sampled(9, 500) if _honours_sampling_seed(process) else greedy(500)
 
     async def check(client):
-        [reference] = await client.generate([PROMPTS[0]], sampled(9, 500))
-        task = await _start_long(client, seed=9, n=500)
+        [reference] = await client.generate([PROMPTS[0]], params)
+        task = asyncio.create_task(client.generate([PROMPTS[0]], params))
+        await asyncio.sleep(0.2)  # let it be admitted and decode a few tokens
         await client.pause_generation("retract")
         await client.flush_cache()  # retracted requests hold no KV cache
         await asyncio.sleep(0.3)
@@ -263,7 +340,9 @@ def test_pause_in_place_weight_update_midway_is_recorded_per_token(engine):
         await client.pause_generation("in_place")
         with pytest.raises(EngineError):
             await client.flush_cache()  # the paused batch still holds its KV cache
-        await _update(client, new, "mid")
+        # flush_cache=False: the paused batch keeps its KV cache (SGLang asserts that a flush
+        # after an update succeeds, and dies otherwise)
+        await _update(client, new, "mid", flush_cache=False)
         await client.continue_generation()
         [result] = await asyncio.wait_for(task, 60)
         await _update(client, original, "default")
@@ -287,11 +366,19 @@ def test_update_from_disk_and_memory_release(engine, tmp_path):
     async def disk(client):
         await client.release_memory_occupation(["weights", "kv_cache"])
         await client.begin_weight_update()
-        with pytest.raises(EngineError, match="released"):
-            await client.update_weights_from_disk(str(tmp_path / "step3"))
-        await client.resume_memory_occupation(None)
-        await client.update_weights_from_disk(str(tmp_path / "step3"), weight_version="disk-3")
-        await client.end_weight_update()
+        try:
+            if not _is_sglang(process):
+                # SGLang does not check this (and on CPU, without its CUDA memory saver, release
+                # and resume only do the bookkeeping): loading into released memory is the
+                # caller's error there.
+                with pytest.raises(EngineError, match="released"):
+                    await client.update_weights_from_disk(str(tmp_path / "step3"))
+            # the tags released (SGLang's resume of None means every tag, and it dies on a tag
+            # that was not released: KeyError 'cuda_graph')
+            await client.resume_memory_occupation(["weights", "kv_cache"])
+            await client.update_weights_from_disk(str(tmp_path / "step3"), weight_version="disk-3")
+        finally:
+            await client.end_weight_update()
         return await client.generate(PROMPTS, greedy())
 
     results = call(process, disk)
@@ -301,8 +388,13 @@ def test_update_from_disk_and_memory_release(engine, tmp_path):
 
 def test_update_from_distributed_gloo_group(engine):
     process, model = engine
-    if not isinstance(process, CpuEngineProcess):
+    if _is_sglang(process) and "cpu" not in process.command():
         pytest.skip("GPU engines use an NCCL group: covered by SGLang's own tests")
+    if _is_sglang(process):
+        pytest.skip("known gap: WeightUpdateGroup's store keys differ from SGLang's gloo group "
+                    "(SGLang prefixes twice: PrefixStore(name) and then `name/` in torch's "
+                    "_new_process_group_helper), so the rendezvous never completes and SGLang's "
+                    "scheduler blocks for its 30 min default timeout")
     original = {k: v.clone() for k, v in model.state_dict().items()}
     new = perturbed_weights(model, seed=4)
     port = free_port()
@@ -329,8 +421,13 @@ def test_update_from_distributed_gloo_group(engine):
     _assert_generated_by(process, model, new, results, original)
 
 
-def test_no_shared_memory_left_behind(engine):
+def test_no_shared_memory_left_behind(engine, request):
     process, model = engine
+    if _is_sglang(process):
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "known bug: SGLang refuses update_weights_from_tensor outside a session before "
+            "decoding the payload, but HttpEngine counts every answer as delivered, so each "
+            "refused payload (test_update_needs_begin_end_session) leaves its /dev/shm file")))
     prefix = f"torch_{os.getpid()}_"
     state = {k: v.clone() for k, v in model.state_dict().items()}
     call(process, lambda c: _update(c, state, "default"))
@@ -338,4 +435,39 @@ def test_no_shared_memory_left_behind(engine):
     import gc
 
     gc.collect()
-    assert [f for f in os.listdir("/dev/shm") if f.startswith(prefix)] == []
+    left = lambda: sorted(f for f in os.listdir("/dev/shm") if f.startswith(prefix))  # noqa: E731
+    deadline = time.monotonic() + 10  # the engine drops its references after answering
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left() == []
+
+
+def test_sglang_dies_on_a_wrong_shape_and_on_a_refused_pickle_global(engine):
+    """SGLang's documented behaviour (DESIGN 5): these payloads kill the server, so the trainer
+    must validate names and shapes before sending. Last in the module: it restarts the engine."""
+    process, model = engine
+    if not _is_sglang(process):
+        pytest.skip("or1 serve answers these payloads with 400 and keeps serving: asserted in "
+                    "test_bad_payloads_are_errors_and_engine_keeps_serving")
+    evil = base64.b64encode(pickle.dumps(os.system)).decode()
+    sends = {
+        "wrong shape": lambda c: c.update_weights_from_tensor(
+            [("model.norm.weight", torch.zeros(3))], load_format=None),
+        "refused global": lambda c: c._success(
+            "/update_weights_from_tensor", {"serialized_named_tensors": [evil], "load_format": None}),
+    }
+    for what, send in sends.items():
+        async def check(client):
+            await client.begin_weight_update()
+            with pytest.raises((EngineUnavailable, EngineError)):
+                await send(client)
+
+        call(process, check)
+        deadline = time.monotonic() + 60
+        while process.alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not process.alive(), f"SGLang survived a payload with a {what}"
+        process.restart()
+        process.wait_ready()
+        [result] = call(process, lambda c: c.generate([PROMPTS[0]], greedy(4)))
+        assert result.finish_reason == "length"
