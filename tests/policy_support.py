@@ -1,4 +1,4 @@
-"""Shared pieces of the policy tests: a config for a layout, and the transformers oracle."""
+"""Shared pieces of the policy tests: a config for a layout and random sequences."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,21 +34,3 @@ def policy_config(hf_dir: Path, tp: int = 1, pp: int = 1, world: int = 1, **over
 def random_sequences(vocab: int, lengths: tuple[int, ...], seed: int = 1) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
-
-
-@torch.no_grad()
-def transformers_oracle(hf_dir: Path, sequences: list[list[int]]) -> list[dict[str, torch.Tensor]]:
-    """Logits, per-token log-probs and entropies from transformers in fp64, one sequence at a time."""
-    from transformers import Qwen2ForCausalLM
-
-    model = Qwen2ForCausalLM.from_pretrained(hf_dir, dtype=torch.float64).eval()
-    out = []
-    for seq in sequences:
-        logits = model(torch.tensor([seq])).logits[0]
-        logp = torch.log_softmax(logits, dim=-1)
-        out.append({
-            "logits": logits,
-            "logprob": logp[:-1].gather(1, torch.tensor(seq[1:])[:, None])[:, 0],
-            "entropy": -(logp.exp() * logp).sum(-1)[:-1],
-        })
-    return out

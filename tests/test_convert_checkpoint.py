@@ -16,7 +16,8 @@ from or1_megatron.distributed.fork_launcher import run_forked
 from or1_megatron.errors import CheckpointError, ModelConfigError
 from or1_megatron.policy.worker import PolicyWorker
 from or1_megatron.tiny_model import make_tiny_qwen2
-from tests.policy_support import policy_config, random_sequences, transformers_oracle
+from or1_megatron.policy.oracle import transformers_oracle
+from tests.policy_support import policy_config, random_sequences
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "configs" / "models"

@@ -8,7 +8,8 @@ import torch
 
 from or1_megatron.distributed.fork_launcher import run_forked
 from or1_megatron.tiny_model import make_tiny_qwen2
-from tests.policy_support import policy_config, random_sequences, transformers_oracle
+from or1_megatron.policy.oracle import transformers_oracle
+from tests.policy_support import policy_config, random_sequences
 
 pytestmark = pytest.mark.gpu
 SEQUENCES = random_sequences(300, (7, 12, 5, 9))

@@ -15,7 +15,8 @@ from or1_megatron.policy.export import iter_stage_hf_tensors
 from or1_megatron.policy.packing import pack, plan_micro_batches
 from or1_megatron.policy.worker import PolicyWorker
 from or1_megatron.tiny_model import make_tiny_qwen2
-from tests.policy_support import policy_config, random_sequences, transformers_oracle
+from or1_megatron.policy.oracle import transformers_oracle
+from tests.policy_support import policy_config, random_sequences
 
 VOCAB = 300
 LENGTHS = (7, 12, 5, 9, 16, 3, 11, 2)

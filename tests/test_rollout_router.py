@@ -8,10 +8,9 @@ import signal
 import pytest
 import torch
 
-from or1_megatron.rollout.launcher import CpuEngineProcess
 from or1_megatron.rollout.router import RolloutRouter
-from tests.rollout_testutil import (forward_logprobs, load_model, make_tiny_qwen2,
-                                    perturbed_weights, run)
+from tests.rollout_testutil import (forward_logprobs, load_model, make_tiny_qwen2, perturbed_weights,
+                                    run, running_cpu_engines)
 
 PROMPTS = [[3 + i, 40 + i, 7 * i % 290 + 1] for i in range(16)]
 
@@ -28,16 +27,9 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def processes(model_dir, tmp_path_factory):
     """Two engines for the whole module; each test's router adopts them and leaves them running."""
-    log_dir = tmp_path_factory.mktemp("logs")
-    procs = [CpuEngineProcess(model_dir, num_threads=1, max_running_requests=8, log_dir=log_dir,
-                              start_timeout_s=120) for _ in range(2)]
-    try:
-        for process in procs:
-            process.start()
+    with running_cpu_engines(model_dir, tmp_path_factory.mktemp("logs"), count=2,
+                             max_running_requests=8) as procs:
         yield procs
-    finally:
-        for process in procs:
-            process.kill()
 
 
 async def _router(processes) -> RolloutRouter:

@@ -34,7 +34,7 @@ CARRIED_FILES = (
     "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
 )
 HF_SUBDIR = "hf"  # where a dist checkpoint keeps the source's carried files
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPE_NAMES = ("fp32", "bf16")  # torch dtypes: or1_megatron.policy.model.DTYPES
 
 
 @dataclass
@@ -63,9 +63,12 @@ def check_layout(arch: Qwen2Arch, layout: Layout) -> None:
 
 
 def _mapping(arch: Qwen2Arch, tp: int) -> Qwen2Mapping:
+    from or1_megatron.config.schema import ModelConfig
     from or1_megatron.policy.model import padded_vocab_size
 
-    return Qwen2Mapping(arch, padded_vocab_size(arch.vocab_size, 128, tp))
+    # The trainer's default padding, so a converted checkpoint loads with the default config.
+    divisible_by = ModelConfig.make_vocab_size_divisible_by
+    return Qwen2Mapping(arch, padded_vocab_size(arch.vocab_size, divisible_by, tp))
 
 
 def validate_hf_checkpoint(hf_dir: Path, mapping: Qwen2Mapping) -> SafetensorsReader:
@@ -160,6 +163,8 @@ def _rank_mcore_to_hf(rank: int, world: int, mcore_dir: str, arch: Qwen2Arch, la
     pending: dict[str, torch.Tensor] = {}
     pending_bytes = 0
     written_bytes = 0
+    from or1_megatron.policy.model import DTYPES
+
     out_dtype = DTYPES[layout.dtype]
 
     def flush() -> None:
@@ -312,7 +317,7 @@ def main(argv: list[str]) -> int:
     for p in (to_mcore, to_hf):
         p.add_argument("--tp", type=int, default=1, help="tensor parallel ranks used for the conversion")
         p.add_argument("--pp", type=int, default=1, help="pipeline parallel ranks used for the conversion")
-        p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+        p.add_argument("--dtype", choices=DTYPE_NAMES, default="bf16")
         p.add_argument("--stats", action="store_true", help="print bytes, seconds, GB/s and peak RSS")
     args = parser.parse_args(argv)
     layout = Layout(args.tp, args.pp, args.dtype)

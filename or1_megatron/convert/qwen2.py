@@ -134,8 +134,8 @@ class Qwen2Mapping:
 
     def stage_entries(self, pp_rank: int, pp_size: int) -> list[TensorMapping]:
         """The tensors a pipeline stage owns (embedding on the first, norm/output on the last)."""
-        per_stage = self.arch.num_layers // pp_size
-        first, last = pp_rank * per_stage, (pp_rank + 1) * per_stage
+        first = layer_offset(self.arch.num_layers, pp_rank, pp_size)
+        last = layer_offset(self.arch.num_layers, pp_rank + 1, pp_size)
         out = []
         for m in self._entries:
             if m.layer is not None:

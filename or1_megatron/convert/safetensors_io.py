@@ -58,10 +58,6 @@ class SafetensorsReader:
     def get(self, name: str) -> torch.Tensor:
         return self._handle(name).get_tensor(name)
 
-    def file_of(self, name: str) -> str:
-        self._handle(name)
-        return self._location[name]
-
     def _handle(self, name: str):
         try:
             return self._files[self._location[name]]

@@ -39,7 +39,7 @@ class _CudaToCpuMode(TorchFunctionMode):
             return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
         if _is_cuda_device(kwargs.get("device")):
             kwargs = dict(kwargs, device="cpu")
-        if func in (torch.Tensor.to,) and args and _is_cuda_device(args[1] if len(args) > 1 else None):
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
 

@@ -28,6 +28,9 @@ from or1_megatron.config.schema import ModelConfig, ParallelConfig
 from or1_megatron.convert.hf_config import Qwen2Arch
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
     """Vocabulary rows of the embedding and output layer.
 
@@ -65,7 +68,7 @@ def transformer_config(
 
     `initialize=False` skips random initialisation, for models whose weights are loaded next.
     """
-    dtype = torch.bfloat16 if model_cfg.dtype == "bf16" else torch.float32
+    dtype = DTYPES[model_cfg.dtype]
     on_gpu = torch.cuda.is_available()
     recompute = (
         dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)

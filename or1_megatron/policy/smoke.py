@@ -56,18 +56,6 @@ def _rank(rank: int, world: int, hf_path: str, tp: int, pp: int, dtype: str, voc
             "score_s": score_s, "step_s": step_s}
 
 
-def _oracle_logprobs(hf_path: str, seqs: list[list[int]]) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float64).eval()
-    out = []
-    with torch.no_grad():
-        for seq in seqs:
-            logp = torch.log_softmax(model(torch.tensor([seq])).logits[0], -1)
-            out.append(logp[:-1].gather(1, torch.tensor(seq[1:])[:, None])[:, 0])
-    return torch.cat(out)
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="or1 check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,6 +68,7 @@ def main(argv: list[str]) -> int:
 
     from or1_megatron.convert.hf_config import load_arch
     from or1_megatron.distributed.fork_launcher import run_forked
+    from or1_megatron.policy.oracle import transformers_oracle
     from or1_megatron.policy import worker as _preload  # noqa: F401  (import megatron once, then fork)
     from or1_megatron.tiny_model import make_tiny_qwen2
 
@@ -94,7 +83,7 @@ def main(argv: list[str]) -> int:
         single = run_forked(_rank, 1, hf_path, 1, 1, args.dtype, vocab)[0]
         parallel = [r for r in run_forked(_rank, world, hf_path, args.tp, args.pp, args.dtype, vocab)]
         last = next(r for r in reversed(parallel) if r["logprob"] is not None)
-        oracle = _oracle_logprobs(hf_path, _sequences(vocab))
+        oracle = torch.cat([o["logprob"] for o in transformers_oracle(hf_path, _sequences(vocab))])
         elapsed = time.perf_counter() - start
 
     checks = {

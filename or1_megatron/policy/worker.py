@@ -26,7 +26,7 @@ from or1_megatron.convert.qwen2 import Qwen2Mapping
 from or1_megatron.kernels import fused_logprob_entropy
 from or1_megatron.policy.checkpoint import PolicyState, load_checkpoint, save_checkpoint
 from or1_megatron.policy.hf_weights import load_hf_weights
-from or1_megatron.policy.model import PolicyGPTModel, build_policy_model, padded_vocab_size
+from or1_megatron.policy.model import DTYPES, PolicyGPTModel, build_policy_model, padded_vocab_size
 from or1_megatron.policy.packing import PackedMicroBatch, pack, plan_micro_batches
 from or1_megatron.policy.parallel import RankLayout, init_parallel
 
@@ -107,7 +107,7 @@ class PolicyWorker:
             adam_eps=o.adam_eps,
             clip_grad=o.clip_grad,
             bf16=self.config.model.dtype == "bf16",
-            params_dtype=torch.bfloat16 if self.config.model.dtype == "bf16" else torch.float32,
+            params_dtype=DTYPES[self.config.model.dtype],
             use_distributed_optimizer=self.config.parallel.distributed_optimizer,
         )
 
