@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 
-def tiny_qwen2_config(
+def tiny_qwen2_dict(
     *,
     vocab_size: int = 300,
     hidden_size: int = 64,
@@ -22,23 +22,29 @@ def tiny_qwen2_config(
     rms_norm_eps: float = 1e-6,
     max_position_embeddings: int = 512,
     tie_word_embeddings: bool = False,
-):
-    """A transformers Qwen2Config with the given shape (defaults: ~100K parameters)."""
+) -> dict:
+    """The config.json fields of a small Qwen2ForCausalLM (defaults: ~100K parameters)."""
+    return {
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+        "vocab_size": vocab_size, "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size, "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads,
+        "rope_theta": rope_theta, "rms_norm_eps": rms_norm_eps,
+        "max_position_embeddings": max_position_embeddings,
+        "tie_word_embeddings": tie_word_embeddings,
+    }
+
+
+def tiny_qwen2_config(**shape):
+    """A transformers Qwen2Config with the given shape (the arguments of `tiny_qwen2_dict`)."""
     from transformers import Qwen2Config
 
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        rope_theta=rope_theta,
-        rms_norm_eps=rms_norm_eps,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=tie_word_embeddings,
-    )
-    config.architectures = ["Qwen2ForCausalLM"]
+    fields = tiny_qwen2_dict(**shape)
+    architectures = fields.pop("architectures")
+    fields.pop("model_type")
+    rename = {"num_layers": "num_hidden_layers"}
+    config = Qwen2Config(**{rename.get(k, k): v for k, v in fields.items()})
+    config.architectures = architectures
     return config
 
 

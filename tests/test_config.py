@@ -101,3 +101,36 @@ def test_or1_config_command(tmp_path, hf_dir):
                           "parallel.tensor_parallel=1", "parallel.pipeline_parallel=4"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert "parallel.pipeline_parallel" in bad.stderr and str(path) in bad.stderr
+
+
+STAGES = """
+stages:
+  - {name: 16k, steps: 3}
+  - {name: 32k, steps: 2, max_response_length: 160, rollout_prompts: 4, mini_batch_prompts: 2, group_size: 4}
+"""
+
+
+def test_stages_inherit_batch_sizes_and_number_their_steps(tmp_path, hf_dir):
+    from or1_megatron.config.stages import resolve_stages, stage_at, total_steps
+
+    cfg = load_config(write_yaml(tmp_path, BASE.format(hf=hf_dir) + STAGES))
+    first, second = resolve_stages(cfg)
+    assert (first.first_step, first.end_step, first.rollout_prompts, first.sgd_steps) == (0, 3, 8, 2)
+    assert (second.first_step, second.end_step, second.max_response_length, second.group_size) == (3, 5, 160, 4)
+    assert [stage_at([first, second], s).index for s in range(6)] == [0, 0, 0, 1, 1, 1]
+    assert total_steps(cfg) == 5
+    assert total_steps(load_config(write_yaml(tmp_path, BASE.format(hf=hf_dir) + STAGES),
+                                   ["run.max_steps=4"])) == 4
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["stages.1.mini_batch_prompts=3"], r"stages\[1\]\.mini_batch_prompts: 3 does not divide rollout_prompts=4"),
+    (["stages.0.steps=0"], r"stages\[0\]\.steps: must be >= 1"),
+    (["stages.1.max_response_length=400"], r"batch\.micro_batch_tokens: 256 cannot hold .*464 tokens \(stages\[1\] \(32k\)\)"),
+    (["rollout.backend=vllm"], r"rollout\.backend: 'vllm' is not one of"),
+    (["algo.entropy.coef_min=0.5", "algo.entropy.coef_max=0.1"], r"algo\.entropy\.coef_max"),
+    (["data.eval_every=5"], r"data\.eval_files: data\.eval_every=5 but there is nothing to evaluate"),
+])
+def test_bad_training_sections_name_the_key(tmp_path, hf_dir, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write_yaml(tmp_path, BASE.format(hf=hf_dir) + STAGES), overrides)

@@ -23,6 +23,18 @@ def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
         raise ConfigError(f"{source}: key '{key}': {reason}") from None
 
 
+def _apply_override(cfg: DictConfig, item: str) -> DictConfig:
+    """`key=value` with YAML parsing of the value; list indices work (`stages.1.steps=40`)."""
+    key, raw = item.split("=", 1)
+    try:
+        value = OmegaConf.from_dotlist([f"value={raw}"])["value"]
+        OmegaConf.update(cfg, key.strip(), value, merge=True)
+    except (OmegaConfBaseException, TypeError, ValueError, IndexError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"command line override {item!r}: {reason}") from None
+    return cfg
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> OR1Config:
     """Load `path` (YAML) onto the schema, apply dotted overrides, validate, return the object."""
     cfg = OmegaConf.structured(OR1Config)
@@ -41,11 +53,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"command line: override {item!r} is not of the form key=value")
-        try:
-            layer = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"command line: override {item!r}: {exc}") from None
-        cfg = _merge(cfg, layer, f"command line override {item!r}")
+        cfg = _apply_override(cfg, item)
     try:
         config: OR1Config = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:

@@ -76,6 +76,8 @@ class RunConfig:
     seed: int = 1234
     # Where the resolved config, checkpoints and logs go; empty means runs/<config name>.
     run_dir: str = ""
+    # Stop after this many steps in total (0: when the last stage ends).
+    max_steps: int = 0
 
 
 @dataclass
@@ -106,6 +108,143 @@ class SyncConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of MAGIC's multi-stage schedule. A 0 (or "") means: as in `batch`."""
+
+    # Rollout batches in the stage, as the paper counts steps (OR1-7B stage 1: steps 0-660);
+    # each runs rollout_prompts / mini_batch_prompts optimizer steps (N_SGD).
+    steps: int = MISSING
+    name: str = ""
+    max_response_length: int = 0
+    rollout_prompts: int = 0
+    mini_batch_prompts: int = 0
+    group_size: int = 0
+
+
+@dataclass
+class EntropyControlConfig:
+    """Adaptive entropy control (paper defaults; the released scripts use delta 1e-4, coef_max 5e-3)."""
+
+    enabled: bool = True
+    target: float = 0.2
+    delta: float = 0.005
+    coef_init: float = 0.0
+    coef_min: float = 0.0
+    coef_max: float = 1.0
+
+
+@dataclass
+class AlgoConfig:
+    # PPO clip range below / above 1 (clip-higher when clip_high > clip_low); dual clip off at 0.
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float = 0.0
+    advantage_eps: float = 1e-6
+    # Rejection sampling: drop groups whose rewards are all equal (zero advantage everywhere).
+    drop_uniform_groups: bool = True
+    # Between stages, drop prompts the policy solved in every sample of the previous stage.
+    online_filter: bool = True
+    entropy: EntropyControlConfig = field(default_factory=EntropyControlConfig)
+
+
+@dataclass
+class RolloutConfig:
+    # cpu: `or1 serve` engines (transformers); sglang: `python -m sglang.launch_server`;
+    # auto: sglang when a GPU is present, else cpu.
+    backend: str = "auto"
+    engines: int = 1
+    engine_tp: int = 1
+    # colocated: policy ranks and engines share devices and swap memory (release/resume);
+    # disaggregated: engines get devices of their own.
+    placement: str = "colocated"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    # SGLang's --mem-fraction-static; ignored by the CPU engine.
+    mem_fraction: float = 0.5
+    # Torch threads per CPU engine.
+    engine_threads: int = 1
+    start_timeout_s: float = 300.0
+    # Passed verbatim to the engine command line (e.g. ["--attention-backend", "fa3"]).
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ArithmeticTaskConfig:
+    """The CPU demo's synthetic task: integer arithmetic answered as `<think>...</think> \\boxed{n}`."""
+
+    enabled: bool = False
+    train_problems: int = 2000
+    heldout_problems: int = 64
+    max_operand: int = 99
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # Training problems: verl parquet, JSON/JSONL, LeetCodeDataset or LiveCodeBench files.
+    train_files: list[str] = field(default_factory=list)
+    format: str = "auto"
+    # raise: a malformed row stops the run naming file and row; skip: counted and logged.
+    on_error: str = "raise"
+    # Offline filter: drop prompts the base model solved 0/N or N/N, from the files'
+    # model_difficulty for this model name, or from a pass-rate file of tools/estimate_difficulty.py.
+    offline_filter_model: str = ""
+    offline_filter_pass_rates: str = ""
+    # Held-out problems scored every `eval_every` steps (0: never) with `eval_samples` each.
+    eval_files: list[str] = field(default_factory=list)
+    eval_every: int = 0
+    eval_samples: int = 1
+    eval_max_problems: int = 0
+    arithmetic: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
+
+
+@dataclass
+class TinyModelConfig:
+    """Build the base model from scratch into <run_dir>/base_model (the CPU demo); off by default."""
+
+    enabled: bool = False
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 256
+    tokenizer_vocab_size: int = 512
+
+
+@dataclass
+class WarmupConfig:
+    """Supervised warm-up of the policy on reference responses before RL (the CPU demo)."""
+
+    sft_steps: int = 0
+    sft_lr: float = 1e-3
+    sft_batch: int = 64
+
+
+@dataclass
+class CheckpointConfig:
+    # Save every N steps (0: only at the end and on SIGTERM); keep the newest `keep`.
+    every_steps: int = 50
+    keep: int = 2
+
+
+@dataclass
+class RayConfig:
+    # Empty: start a local Ray instance; otherwise the address of a running cluster ("auto" too).
+    address: str = ""
+    # CPUs the local instance may use (0: all of the machine's).
+    num_cpus: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    # A console progress line every N steps.
+    console_every: int = 1
+
+
+@dataclass
 class OR1Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -113,6 +252,16 @@ class OR1Config:
     batch: BatchConfig = field(default_factory=BatchConfig)
     run: RunConfig = field(default_factory=RunConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    # MAGIC's stages, run in order; an empty list is one stage of `batch` for run.max_steps.
+    stages: list[StageConfig] = field(default_factory=list)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tiny_model: TinyModelConfig = field(default_factory=TinyModelConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def data_parallel(self) -> int:
@@ -125,3 +274,6 @@ DTYPES = ("fp32", "bf16")
 LAYER_SPECS = ("auto", "te", "local")
 SYNC_TRANSPORTS = ("colocated", "distributed", "disk")
 SYNC_PAUSE_MODES = ("abort", "retract", "in_place")
+ROLLOUT_BACKENDS = ("auto", "cpu", "sglang")
+PLACEMENTS = ("colocated", "disaggregated")
+DATA_ON_ERROR = ("raise", "skip")

@@ -5,8 +5,12 @@ naming the key and the file, not in a collective twenty minutes into a cluster j
 """
 from __future__ import annotations
 
-from or1_megatron.config.schema import DTYPES, LAYER_SPECS, SYNC_PAUSE_MODES, SYNC_TRANSPORTS, OR1Config
-from or1_megatron.convert.hf_config import layout_problems, load_arch
+from or1_megatron.config.schema import (
+    DATA_ON_ERROR, DTYPES, LAYER_SPECS, PLACEMENTS, ROLLOUT_BACKENDS, SYNC_PAUSE_MODES, SYNC_TRANSPORTS,
+    OR1Config,
+)
+from or1_megatron.config.stages import Stage, resolve_stages
+from or1_megatron.convert.hf_config import Qwen2Arch, arch_from_dict, layout_problems, load_arch
 from or1_megatron.errors import ConfigError, ModelConfigError
 
 
@@ -41,23 +45,13 @@ def validate(cfg: OR1Config, source: str) -> None:
     _check(o.warmup_steps >= 0, source, "optim.warmup_steps", "must be >= 0")
     _check(o.clip_grad >= 0, source, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
 
-    for key, value in (("batch.rollout_prompts", b.rollout_prompts),
-                       ("batch.mini_batch_prompts", b.mini_batch_prompts),
-                       ("batch.group_size", b.group_size),
-                       ("batch.micro_batch_tokens", b.micro_batch_tokens),
-                       ("batch.max_prompt_length", b.max_prompt_length),
-                       ("batch.max_response_length", b.max_response_length)):
-        _check(value >= 1, source, key, f"must be >= 1, got {value}")
-    _check(b.rollout_prompts % b.mini_batch_prompts == 0, source, "batch.mini_batch_prompts",
-           f"{b.mini_batch_prompts} does not divide batch.rollout_prompts={b.rollout_prompts}")
-    samples_per_step = b.mini_batch_prompts * b.group_size
-    _check(samples_per_step % cfg.data_parallel == 0, source, "batch.mini_batch_prompts",
-           f"mini_batch_prompts x group_size = {samples_per_step} samples per optimizer step do "
-           f"not split evenly over data_parallel={cfg.data_parallel} ranks")
-    longest = b.max_prompt_length + b.max_response_length
-    _check(b.micro_batch_tokens >= longest, source, "batch.micro_batch_tokens",
-           f"{b.micro_batch_tokens} cannot hold one sequence of max_prompt_length + "
-           f"max_response_length = {longest} tokens")
+    _check(b.micro_batch_tokens >= 1 and b.max_prompt_length >= 1, source, "batch.micro_batch_tokens",
+           "micro_batch_tokens and max_prompt_length must be >= 1")
+    _check(cfg.run.max_steps >= 0, source, "run.max_steps", "must be >= 0")
+    stages = resolve_stages(cfg)
+    for stage in stages:
+        _check_stage(cfg, stage, "batch" if not cfg.stages else stage.key_prefix, source)
+    longest = b.max_prompt_length + max(stage.max_response_length for stage in stages)
 
     s = cfg.sync
     _check(s.transport in SYNC_TRANSPORTS, source, "sync.transport",
@@ -72,13 +66,85 @@ def validate(cfg: OR1Config, source: str) -> None:
            "verify_prompts and verify_new_tokens must be >= 1")
     _check(s.timeout_s > 0, source, "sync.timeout_s", f"must be > 0, got {s.timeout_s}")
 
-    try:
-        arch = load_arch(m.hf_path)
-    except ModelConfigError as exc:
-        raise ConfigError(f"{source}: model.hf_path: {exc}") from None
-    hf = f"model {m.hf_path}"
+    _validate_training(cfg, source)
+    arch, hf = _architecture(cfg, source)
     for key, reason in layout_problems(arch, p.tensor_parallel, p.pipeline_parallel):
         _check(False, source, f"parallel.{key}", f"{reason} ({hf})")
     _check(longest <= arch.max_position_embeddings, source, "batch.max_response_length",
            f"max_prompt_length + max_response_length = {longest} exceeds "
            f"max_position_embeddings={arch.max_position_embeddings} ({hf})")
+
+
+def _architecture(cfg: OR1Config, source: str) -> tuple[Qwen2Arch, str]:
+    """The model's architecture and how to name it: from config.json, or the tiny model's spec."""
+    if cfg.tiny_model.enabled:
+        from or1_megatron.tiny_model import tiny_qwen2_dict
+
+        t = cfg.tiny_model
+        spec = tiny_qwen2_dict(vocab_size=t.tokenizer_vocab_size, hidden_size=t.hidden_size,
+                               intermediate_size=t.intermediate_size, num_layers=t.num_layers,
+                               num_heads=t.num_heads, num_kv_heads=t.num_kv_heads,
+                               max_position_embeddings=t.max_position_embeddings)
+        try:
+            return arch_from_dict(spec, "tiny_model"), "tiny_model"
+        except ModelConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+    try:
+        return load_arch(cfg.model.hf_path), f"model {cfg.model.hf_path}"
+    except ModelConfigError as exc:
+        raise ConfigError(f"{source}: model.hf_path: {exc}") from None
+
+
+def _validate_training(cfg: OR1Config, source: str) -> None:
+    """The training loop's sections: algorithm, rollout, data, checkpoints, logging."""
+    a, r, d = cfg.algo, cfg.rollout, cfg.data
+    _check(0 <= a.clip_low < 1, source, "algo.clip_low", f"must be in [0, 1), got {a.clip_low}")
+    _check(a.clip_high >= 0, source, "algo.clip_high", f"must be >= 0, got {a.clip_high}")
+    _check(a.dual_clip == 0 or a.dual_clip > 1, source, "algo.dual_clip",
+           f"must be 0 (off) or > 1, got {a.dual_clip}")
+    e = a.entropy
+    _check(e.delta >= 0, source, "algo.entropy.delta", f"must be >= 0, got {e.delta}")
+    _check(0 <= e.coef_min <= e.coef_max, source, "algo.entropy.coef_max",
+           f"need 0 <= coef_min ({e.coef_min}) <= coef_max ({e.coef_max})")
+    _check(r.backend in ROLLOUT_BACKENDS, source, "rollout.backend",
+           f"{r.backend!r} is not one of {ROLLOUT_BACKENDS}")
+    _check(r.placement in PLACEMENTS, source, "rollout.placement",
+           f"{r.placement!r} is not one of {PLACEMENTS}")
+    _check(r.engines >= 1, source, "rollout.engines", f"must be >= 1, got {r.engines}")
+    _check(r.engine_tp >= 1, source, "rollout.engine_tp", f"must be >= 1, got {r.engine_tp}")
+    _check(r.temperature > 0, source, "rollout.temperature", f"must be > 0, got {r.temperature}")
+    _check(0 < r.top_p <= 1, source, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    _check(0 < r.mem_fraction < 1, source, "rollout.mem_fraction",
+           f"must be in (0, 1), got {r.mem_fraction}")
+    _check(d.on_error in DATA_ON_ERROR, source, "data.on_error",
+           f"{d.on_error!r} is not one of {DATA_ON_ERROR}")
+    _check(d.eval_every >= 0 and d.eval_samples >= 1, source, "data.eval_every",
+           "eval_every must be >= 0 and eval_samples >= 1")
+    _check(d.eval_every == 0 or bool(d.eval_files) or d.arithmetic.enabled, source,
+           "data.eval_files", f"data.eval_every={d.eval_every} but there is nothing to evaluate")
+    _check(cfg.checkpoint.every_steps >= 0, source, "checkpoint.every_steps", "must be >= 0")
+    _check(cfg.checkpoint.keep >= 1, source, "checkpoint.keep", "must be >= 1")
+    _check(cfg.warmup.sft_steps >= 0, source, "warmup.sft_steps", "must be >= 0")
+    _check(cfg.logging.console_every >= 1, source, "logging.console_every", "must be >= 1")
+
+
+def _check_stage(cfg: OR1Config, stage: Stage, prefix: str, source: str) -> None:
+    """Batch sizes of one stage (or of `batch` when no stages are declared)."""
+    b = cfg.batch
+    for name in ("rollout_prompts", "mini_batch_prompts", "group_size", "max_response_length"):
+        value = getattr(stage, name)
+        _check(value >= 1, source, f"{prefix}.{name}", f"must be >= 1, got {value}")
+    if cfg.stages:
+        _check(stage.steps >= 1, source, f"{prefix}.steps", f"must be >= 1, got {stage.steps}")
+    _check(stage.rollout_prompts % stage.mini_batch_prompts == 0, source,
+           f"{prefix}.mini_batch_prompts",
+           f"{stage.mini_batch_prompts} does not divide rollout_prompts={stage.rollout_prompts}")
+    samples_per_step = stage.mini_batch_prompts * stage.group_size
+    _check(samples_per_step % cfg.data_parallel == 0, source, f"{prefix}.mini_batch_prompts",
+           f"mini_batch_prompts x group_size = {samples_per_step} samples per optimizer step do "
+           f"not split evenly over data_parallel={cfg.data_parallel} ranks")
+    longest = b.max_prompt_length + stage.max_response_length
+    _check(b.micro_batch_tokens >= longest, source, "batch.micro_batch_tokens",
+           f"{b.micro_batch_tokens} cannot hold one sequence of max_prompt_length + "
+           f"max_response_length = {longest} tokens"
+           + (f" ({stage.key})" if cfg.stages else ""))
