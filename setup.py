@@ -29,6 +29,9 @@ setup(
         "pyarrow>=14",
         # the code sandbox runs this environment's python: contest programs import it
         "sortedcontainers>=2.4",
+        # the training loop: placement and actors, TensorBoard scalars
+        "ray>=2.40",
+        "tensorboard>=2.15",
     ],
     extras_require={
         "gpu": [

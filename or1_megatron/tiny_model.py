@@ -48,22 +48,24 @@ def tiny_qwen2_config(**shape):
     return config
 
 
-def make_tiny_qwen2(out_dir: str | Path, seed: int = 0, **shape) -> Path:
+def make_tiny_qwen2(out_dir: str | Path, seed: int = 0, init_std: float | None = 0.2, **shape) -> Path:
     """Write a random fp32 Qwen2ForCausalLM (config.json + model.safetensors) to `out_dir`.
 
-    Weights are drawn with a wider std than transformers' default 0.02 so that logits, and so
-    log-probabilities and gradients, differ visibly between tokens in tests.
+    By default weights are drawn with a wider std than transformers' 0.02 so that logits, and so
+    log-probabilities and gradients, differ visibly between tokens in tests; `init_std=None`
+    keeps transformers' initialisation (a model that is going to be trained).
     """
     from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(tiny_qwen2_config(**shape)).float()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                param.normal_(0.0, 0.2)
-            else:
-                param.uniform_(0.5, 1.5)
+    if init_std is not None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if not name.endswith("norm.weight"):
+                    param.normal_(0.0, init_std)
+                else:
+                    param.uniform_(0.5, 1.5)
     out = Path(out_dir)
     model.save_pretrained(out)
     return out

@@ -37,7 +37,11 @@ def build_tokenizer(out_dir: str | Path, texts: Iterable[str], vocab_size: int =
                     model_max_length: int = 32768) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts` and save it with the R1-Distill template to `out_dir`."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits one token each, as Qwen2's tokenizer splits them: arithmetic stays learnable.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

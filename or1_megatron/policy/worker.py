@@ -77,23 +77,31 @@ class PolicyWorker:
         )
         model.config.finalize_model_grads_func = finalize_model_grads
         self.optimizer = get_megatron_optimizer(self._optimizer_config(), [self.model])
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0 if config.optim.warmup_steps else config.optim.lr,
-            max_lr=config.optim.lr,
-            min_lr=config.optim.lr,
-            lr_warmup_steps=config.optim.warmup_steps,
-            lr_decay_steps=max(1, config.optim.warmup_steps) + 1,
-            lr_decay_style="constant",
-            start_wd=config.optim.weight_decay,
-            end_wd=config.optim.weight_decay,
-            wd_incr_steps=1,
-            wd_incr_style="constant",
-        )
+        self.scheduler = self._scheduler(config.optim.lr, config.optim.warmup_steps)
         self.steps_done = 0
         if config.model.megatron_checkpoint:
             self.load_checkpoint(config.model.megatron_checkpoint, with_optimizer=False)
             self.steps_done = 0  # a converted or earlier run's weights start a new run
+
+    def _scheduler(self, lr: float, warmup_steps: int) -> OptimizerParamScheduler:
+        """Linear warm-up from 0 over `warmup_steps`, then constant `lr` (sets the rate now)."""
+        return OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if warmup_steps else lr,
+            max_lr=lr,
+            min_lr=lr,
+            lr_warmup_steps=warmup_steps,
+            lr_decay_steps=max(1, warmup_steps) + 1,
+            lr_decay_style="constant",
+            start_wd=self.config.optim.weight_decay,
+            end_wd=self.config.optim.weight_decay,
+            wd_incr_steps=1,
+            wd_incr_style="constant",
+        )
+
+    def restart_lr_schedule(self, lr: float, warmup_steps: int) -> None:
+        """A new schedule from its step 0 (e.g. RL after a supervised warm-up at another rate)."""
+        self.scheduler = self._scheduler(lr, warmup_steps)
 
     def _optimizer_config(self) -> OptimizerConfig:
         o = self.config.optim

@@ -1,0 +1,104 @@
+"""Policy ranks as Ray actors in a placement group: the trainer side of `or1 train`.
+
+`RayRankGroup` has the interface of the forked `RankGroup` (`call(fn, *args)` runs
+`fn(state, *args)` on every rank and returns the results in rank order; `close()`), so the loop,
+the weight-sync push and the tests drive either. Each actor sits in its own bundle of the run's
+placement group; rank 0 picks the rendezvous address of the gloo/NCCL group on its node. Every
+wait is bounded; a dead actor or a rank's exception is a `RankFailed` naming the rank.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Callable, Sequence
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from or1_megatron.distributed.fork_launcher import RankFailed
+
+
+class _RankActor:
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.state: Any = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, master_addr: str, master_port: int, setup: Callable[..., Any],
+              args: tuple) -> int:
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+                          RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
+                          # one device per actor: Ray sets CUDA_VISIBLE_DEVICES to it
+                          LOCAL_RANK="0")
+        self.state = setup(self.rank, self.world_size, *args)
+        return os.getpid()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(self.state, *args)
+
+
+class RayRankGroup:
+    """`world_size` actors, actor i in bundle `first_bundle + i` of `placement_group`."""
+
+    def __init__(self, world_size: int, setup: Callable[..., Any], *args: Any,
+                 placement_group: Any, first_bundle: int = 0, gpus_per_rank: float = 0.0,
+                 timeout_s: float = 600.0):
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        actor = ray.remote(_RankActor)
+        self.actors = [
+            actor.options(
+                num_cpus=1, num_gpus=gpus_per_rank, max_restarts=0,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group, placement_group_bundle_index=first_bundle + rank),
+            ).remote(rank, world_size)
+            for rank in range(world_size)
+        ]
+        try:
+            addr, port = self._get([self.actors[0].rendezvous_address.remote()], "rendezvous")[0]
+            self.pids = self._get([a.setup.remote(addr, port, setup, args) for a in self.actors],
+                                  "setup")
+        except BaseException:
+            self.close()
+            raise
+
+    def call(self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None) -> list[Any]:
+        """Run `fn(state, *args)` on every rank; large arguments go through Ray's object store once."""
+        refs = [ray.put(a) if _large(a) else a for a in args]
+        return self._get([actor.call.remote(fn, *refs) for actor in self.actors],
+                         getattr(fn, "__name__", "call"), timeout_s)
+
+    def _get(self, refs: Sequence[Any], what: str, timeout_s: float | None = None) -> list[Any]:
+        try:
+            return ray.get(list(refs), timeout=timeout_s or self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise RankFailed(f"{what} did not finish on every rank within "
+                             f"{timeout_s or self.timeout_s:.0f} s") from None
+        except ray.exceptions.RayActorError as exc:
+            self.close()
+            raise RankFailed(f"a policy rank died during {what}: {exc}") from None
+        except ray.exceptions.RayTaskError as exc:
+            self.close()
+            raise RankFailed(f"a policy rank failed in {what}:\n{exc}") from None
+
+    def close(self, force: bool = False) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+    def __enter__(self) -> "RayRankGroup":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _large(value: Any) -> bool:
+    # Object refs passed as top-level arguments are resolved by Ray on each actor.
+    return not isinstance(value, (int, float, str, bool, type(None)))

@@ -1,0 +1,86 @@
+"""One rollout batch: `group_size` samples of each prompt from the engines, then their rewards.
+
+Owns turning prompts into scored groups: prompt token ids through the tokenizer's chat
+template, one request per sample through the router (so an engine crash re-sends, never loses,
+a sample), per-sample seeds derived from (run seed, step, prompt uid, sample index) so a resumed
+run samples exactly what the uninterrupted one did, and scoring in the reward pool with the
+engine's finish reason (OR1: a truncated response scores 0). It computes no advantages.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from or1_megatron.data.records import ProblemRecord
+from or1_megatron.eval.sampling import SamplingSession, SamplingSettings, prompt_token_ids
+
+
+@dataclass
+class Group:
+    record: ProblemRecord
+    prompt_ids: list[int]
+    responses: list[list[int]]
+    finish_reasons: list[str]
+    rewards: list[float]
+
+
+@dataclass
+class RolloutBatch:
+    groups: list[Group]
+    reward_errors: int
+
+    def rewards(self) -> torch.Tensor:
+        """[prompts, group_size]"""
+        return torch.tensor([g.rewards for g in self.groups], dtype=torch.float32)
+
+    def metrics(self) -> dict[str, float]:
+        lengths = [len(r) for g in self.groups for r in g.responses]
+        reasons = [f for g in self.groups for f in g.finish_reasons]
+        out = {
+            "reward/mean": float(self.rewards().mean()),
+            "response/length_mean": sum(lengths) / len(lengths),
+            "response/length_max": float(max(lengths)),
+            "response/truncation_rate": reasons.count("length") / len(reasons),
+            "rollout/response_tokens": float(sum(lengths)),
+            "rollout/reward_errors": float(self.reward_errors),
+        }
+        by_source: dict[str, list[float]] = {}
+        for g in self.groups:
+            by_source.setdefault(g.record.data_source, []).extend(g.rewards)
+        for source, values in by_source.items():
+            out[f"accuracy/{source}"] = sum(v >= 1.0 for v in values) / len(values)
+        return out
+
+
+async def collect_rollouts(session: SamplingSession, records: Sequence[ProblemRecord],
+                           group_size: int, max_response_length: int, temperature: float,
+                           top_p: float, seed: int) -> RolloutBatch:
+    """`group_size` scored samples of every record (T and top_p from the config, seeded)."""
+    settings = SamplingSettings(max_new_tokens=max_response_length, temperature=temperature,
+                                top_p=top_p, seed=seed)
+    prompts = [prompt_token_ids(session.tokenizer, r) for r in records]
+
+    async def sample(p: int, j: int) -> Any:
+        params = settings.sampling_params(records[p].uid, j, session.stop_token_ids)
+        return await session.router.generate(prompts[p], params, return_logprob=False,
+                                             rid=f"s{seed}-{p}-{j}")
+
+    results = await asyncio.gather(*(sample(p, j) for p in range(len(records))
+                                     for j in range(group_size)))
+    tasks = []
+    for k, result in enumerate(results):
+        kwargs = records[k // group_size].reward_kwargs()
+        kwargs["extra_info"]["finish_reason"] = result.finish_reason
+        text = session.tokenizer.decode(result.output_ids, skip_special_tokens=True)
+        tasks.append({**kwargs, "solution_str": text})
+    scores = await asyncio.to_thread(session.pool.map, tasks)
+    groups = []
+    for p, record in enumerate(records):
+        mine = results[p * group_size:(p + 1) * group_size]
+        groups.append(Group(record, prompts[p], [list(r.output_ids) for r in mine],
+                            [r.finish_reason for r in mine],
+                            [float(s) for s in scores[p * group_size:(p + 1) * group_size]]))
+    return RolloutBatch(groups, reward_errors=len(session.pool.errors))
