@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -66,12 +65,6 @@ def main(argv: list[str]) -> int:
     from or1_megatron.data.records import DataError
 
     stop = StopFlag()
-
-    def on_sigterm(signum, frame):
-        logging.getLogger(__name__).warning("SIGTERM: finishing this step, then checkpointing")
-        stop.requested = True
-
-    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         asyncio.run(train(config, run_dir, args.resume, stop))
     except (ResumeError, DataError) as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import signal
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -56,6 +57,14 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
+
+    def install(self) -> None:
+        """Catch SIGTERM from now on (call it after ray.init, which installs its own handler)."""
+        def on_sigterm(signum: int, frame: Any) -> None:
+            log.warning("SIGTERM: finishing this step, then checkpointing")
+            self.requested = True
+
+        signal.signal(signal.SIGTERM, on_sigterm)
 
 
 class Trainer:
@@ -256,14 +265,20 @@ class Trainer:
 
     # ------------------------------------------------------------ engines
 
+    def push_weights(self, plan: Any) -> list[Any]:
+        """Every policy rank's part of a push (the coordinator's `push`)."""
+        return self.ranks.call(ranks.push_weights, plan)
+
+    def score_probe(self, sequences: list[list[int]]) -> list[list[float]]:
+        return next(r for r in self.ranks.call(ranks.score_sequences, sequences) if r is not None)
+
+    async def refeed_engine(self, client: Any) -> None:
+        """The router's hook for an engine it restarted: the current weights, not the base ones."""
+        index = next(i for i, e in enumerate(self.coordinator.engines) if e.url == client.url)
+        await self.coordinator.refeed(index, self.push_weights)
+
     async def sync_weights(self) -> float:
-        def push(plan):
-            return self.ranks.call(ranks.push_weights, plan)
-
-        def score(sequences):
-            return next(r for r in self.ranks.call(ranks.score_sequences, sequences) if r is not None)
-
-        report = await self.coordinator.sync(push, score)
+        report = await self.coordinator.sync(self.push_weights, self.score_probe)
         if report.restarted:
             log.warning("weight sync %s restarted %s", report.version, report.restarted)
         return report.seconds

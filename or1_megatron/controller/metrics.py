@@ -42,7 +42,7 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"),
-                                    purge_step=resume_after_step + 1 if resume_after_step else None)
+                                    purge_step=resume_after_step + 1 if resume_after_step >= 0 else None)
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():

@@ -85,6 +85,7 @@ async def train(config: OR1Config, run_dir: Path, resume: str, stop: StopFlag) -
     config.model.hf_path = hf_path
     save_resolved_config(config, run_dir)
     _start_ray(config)
+    stop.install()
     group = _placement_group(config)
     policy = engines = session = coordinator = metrics = None
     try:
@@ -95,16 +96,13 @@ async def train(config: OR1Config, run_dir: Path, resume: str, stop: StopFlag) -
                               gpus_per_rank=1.0 if _has_gpu() else 0.0,
                               timeout_s=max(config.sync.timeout_s, 600.0))
         session = SamplingSession(hf_path, engines, reward_config=RewardConfig(),
-                                  request_timeout_s=config.sync.timeout_s)
-        await session.__aenter__()
+                                  request_timeout_s=config.sync.timeout_s,
+                                  resync=lambda client: trainer.refeed_engine(client))
         coordinator = WeightSyncCoordinator(engines, config.sync,
                                             vocab_size=load_arch(hf_path).vocab_size,
                                             hf_config_dir=hf_path, run_dir=str(run_dir),
                                             engine_tp_size=config.rollout.engine_tp)
-        data = load_training_data(config, session.tokenizer)
-        checkpoints = CheckpointDirs(run_dir)
-        resumed_step = 0
-        saved = None
+        resumed_step, saved = 0, None
         if resume_from is not None:
             log.info("resuming from %s", resume_from)
             saved = policy.call(ranks.load_checkpoint, str(resume_from))[0]["trainer"]
@@ -112,10 +110,12 @@ async def train(config: OR1Config, run_dir: Path, resume: str, stop: StopFlag) -
         metrics = MetricsWriter(run_dir, tensorboard=config.logging.tensorboard,
                                 resume_after_step=resumed_step if saved else -1,
                                 console_every=config.logging.console_every)
+        await session.__aenter__()
+        data = load_training_data(config, session.tokenizer)
         trainer = Trainer(config, ranks_group=policy, session=session, coordinator=coordinator,
-                          metrics=metrics, checkpoints=checkpoints, train_records=data.train,
-                          heldout_records=data.heldout, reference_response=data.reference_response,
-                          stop=stop)
+                          metrics=metrics, checkpoints=CheckpointDirs(run_dir),
+                          train_records=data.train, heldout_records=data.heldout,
+                          reference_response=data.reference_response, stop=stop)
         if saved is not None:
             trainer.restore(saved)
         log.info("training %d steps (from step %d) in %s", total_steps(config), resumed_step, run_dir)

@@ -244,7 +244,7 @@ class SamplingSession:
     def __init__(self, model_path: str | Path, engines: EngineOptions | Sequence[Any], *,
                  reward_workers: int = 2, reward_config: RewardConfig | None = None,
                  reward_modules: Sequence[str] = (), max_inflight: int | None = None,
-                 request_timeout_s: float = 3600.0):
+                 request_timeout_s: float = 3600.0, resync: Any = None):
         self.model_path = str(model_path)
         self.tokenizer = load_tokenizer(model_path)
         self.own_engines = isinstance(engines, EngineOptions)
@@ -262,6 +262,7 @@ class SamplingSession:
         # The engine stops at the model's EOS already; the tokenizer's may differ (base models
         # whose generation_config predates the chat template), and it ends a response too.
         self.stop_token_ids = [eos] if isinstance(eos, int) else []
+        self.resync = resync  # how a restarted engine gets the current weights (the router's hook)
         self.router: Any = None
         self.pool: Any = None
         self.scoring: asyncio.Task | None = None  # the reward batch in flight, if any
@@ -274,7 +275,8 @@ class SamplingSession:
         self.router = RolloutRouter(self.processes, request_timeout_s=self.request_timeout_s,
                                     start_timeout_s=self.processes[0].start_timeout_s,
                                     # all engines down: wait for a restart, not for ever
-                                    wait_for_engine_s=self.processes[0].start_timeout_s + 60.0)
+                                    wait_for_engine_s=self.processes[0].start_timeout_s + 60.0,
+                                    resync=self.resync)
         try:
             # Start the reward workers while the engines load; both take seconds.
             pool_task = asyncio.create_task(asyncio.to_thread(

@@ -8,6 +8,7 @@ kernel on the final hidden states, so no [tokens, vocab] logits are ever materia
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -29,6 +30,8 @@ from or1_megatron.policy.hf_weights import load_hf_weights
 from or1_megatron.policy.model import DTYPES, PolicyGPTModel, build_policy_model, padded_vocab_size
 from or1_megatron.policy.packing import PackedMicroBatch, pack, plan_micro_batches
 from or1_megatron.policy.parallel import RankLayout, init_parallel
+
+log = logging.getLogger(__name__)
 
 # loss_fn(logprob [t], entropy [t], micro_batch) -> (loss already divided by the global token
 # count, {metric name: summed value}). Positions where micro_batch.target_mask is False must not
@@ -101,6 +104,9 @@ class PolicyWorker:
 
     def restart_lr_schedule(self, lr: float, warmup_steps: int) -> None:
         """A new schedule from its step 0 (e.g. RL after a supervised warm-up at another rate)."""
+        # Megatron's param groups carry their own max_lr/min_lr, which the scheduler prefers.
+        for group in self.optimizer.param_groups:
+            group["max_lr"] = group["min_lr"] = lr
         self.scheduler = self._scheduler(lr, warmup_steps)
 
     def _optimizer_config(self) -> OptimizerConfig:
@@ -265,7 +271,24 @@ class PolicyWorker:
         state = self._state(with_optimizer)
         extra = load_checkpoint(state, directory)
         self.steps_done = state.steps_done
+        if with_optimizer:
+            self._apply_configured_lr(directory)
         return extra
+
+    def _apply_configured_lr(self, directory: str | Path) -> None:
+        """The optimizer state restores the rate it was saved with; a resumed run whose config
+        changed optim.lr must train at the new rate, and say so."""
+        lr = self.config.optim.lr
+        saved = {group.get("max_lr") for group in self.optimizer.param_groups}
+        if saved == {lr}:
+            return
+        if self.layout.rank == 0:
+            log.warning("%s was saved with learning rate %s; optim.lr=%s now applies",
+                        directory, sorted(saved), lr)
+        for group in self.optimizer.param_groups:
+            group["max_lr"] = group["min_lr"] = lr
+        self.scheduler.max_lr = self.scheduler.min_lr = lr
+        self.scheduler.step(increment=0)  # sets the rate of every group now
 
     def _reduce_metrics(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Sum each metric over micro-batches and DP ranks; broadcast from the last PP stage."""

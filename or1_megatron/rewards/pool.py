@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import shutil
+import signal
 import tempfile
 import time
 from multiprocessing.connection import Connection, wait
@@ -31,6 +32,10 @@ def _worker_main(conn: Connection, config: RewardConfig, reward_modules: Sequenc
     from or1_megatron.rewards.registry import compute_score, set_reward_config
     from or1_megatron.rewards.sandbox import SandboxError
 
+    # The pool's owner decides when scoring stops: a SIGTERM sent to every process of a job
+    # (a scheduler's time limit) must not turn the rest of a step's rewards into zeros while
+    # the trainer checkpoints. An owner that dies closes the pipe, which ends the worker.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     set_reward_config(config)
     for module in reward_modules:  # plug-ins register their rewards when imported
         importlib.import_module(module)
