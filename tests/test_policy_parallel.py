@@ -7,6 +7,7 @@ updated weights.
 """
 from __future__ import annotations
 
+import json
 import pytest
 import torch
 
@@ -204,3 +205,21 @@ def test_packing_layout():
     assert mb.extras["adv"].tolist() == [1.0, 2.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="extra 'adv' of sequence 1 has shape"):
         pack([[5, 6, 7], [8, 9]], [0, 1], extras={"adv": [torch.zeros(2), torch.zeros(2)]})
+
+
+def rank_save_before_any_step(rank, world, hf_dir, ckpt_dir):
+    worker = PolicyWorker(policy_config(hf_dir, 2, 1, world))
+    worker.save_checkpoint(ckpt_dir, extra_state={"step": 0})  # e.g. a run whose first batch was all-equal
+    first = worker.train_step(SEQUENCES, sft_loss)
+    return first, hf_weights(worker)
+
+
+def test_checkpoint_before_the_first_step_resumes_with_a_fresh_optimizer(hf_dir, tmp_path):
+    ckpt = tmp_path / "step0"
+    uninterrupted_metrics, uninterrupted_weights = run_forked(rank_save_before_any_step, 2, hf_dir, ckpt)[0]
+    assert json.loads((ckpt / "or1_checkpoint.json").read_text())["with_optimizer"] is False
+    extra, steps_done, _, metrics, weights = run_forked(rank_resume, 2, hf_dir, ckpt, 2, 1)[0]
+    assert extra == {"step": 0} and steps_done == 1
+    assert metrics["loss"] == pytest.approx(uninterrupted_metrics["loss"], abs=1e-6)
+    for name, ref in uninterrupted_weights.items():
+        torch.testing.assert_close(weights[name], ref, atol=1e-6, rtol=1e-6, msg=name)

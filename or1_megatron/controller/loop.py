@@ -246,12 +246,13 @@ class Trainer:
         """N_SGD optimizer steps, each the exact token mean over its mini-batch."""
         a = self.config.algo
         sums: dict[str, float] = {}
-        for indices in mini_batches(batch, stage.sgd_steps):
+        parts = mini_batches(batch, stage.sgd_steps)
+        for indices in parts:
             out = self.ranks.call(ranks.train_policy, batch, indices, alpha, a.clip_low,
                                   a.clip_high, a.dual_clip)[0]
             for name, value in out.items():
                 sums[name] = sums.get(name, 0.0) + value
-        steps = max(len(mini_batches(batch, stage.sgd_steps)), 1)
+        steps = len(parts)
         tokens = max(sums.get("tokens", 0.0), 1.0)
         return {
             "actor/pg_loss": sums.get("pg_loss_sum", 0.0) / tokens,

@@ -25,7 +25,7 @@ from or1_megatron.config.schema import OR1Config
 from or1_megatron.convert.hf_config import load_arch
 from or1_megatron.convert.qwen2 import Qwen2Mapping
 from or1_megatron.kernels import fused_logprob_entropy
-from or1_megatron.policy.checkpoint import PolicyState, load_checkpoint, save_checkpoint
+from or1_megatron.policy.checkpoint import PolicyState, load_checkpoint, read_metadata, save_checkpoint
 from or1_megatron.policy.hf_weights import load_hf_weights
 from or1_megatron.policy.model import DTYPES, PolicyGPTModel, build_policy_model, padded_vocab_size
 from or1_megatron.policy.packing import PackedMicroBatch, pack, plan_micro_batches
@@ -264,10 +264,16 @@ class PolicyWorker:
 
     def save_checkpoint(self, directory: str | Path, extra_state: Optional[dict] = None) -> Path:
         """Collective: weights, optimizer, scheduler, step count and `extra_state`."""
-        return save_checkpoint(self._state(with_optimizer=True), directory, extra_state)
+        # Before its first step the optimizer has no state to save (and megatron's distributed
+        # optimizer cannot describe it): such a checkpoint holds the weights, and resuming from
+        # it starts the optimizer fresh, exactly as the run that never stopped had it.
+        return save_checkpoint(self._state(with_optimizer=self.steps_done > 0), directory,
+                               extra_state)
 
     def load_checkpoint(self, directory: str | Path, with_optimizer: bool = True) -> dict:
-        """Collective: restore from any TP/PP/DP layout; returns the saved `extra_state`."""
+        """Collective: restore from any TP/PP/DP layout (the optimizer too, when the checkpoint
+        has its state); returns the saved `extra_state`."""
+        with_optimizer = with_optimizer and read_metadata(directory).get("with_optimizer", False)
         state = self._state(with_optimizer)
         extra = load_checkpoint(state, directory)
         self.steps_done = state.steps_done
