@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("or1_megatron.convert.checkpoint_tool", "convert checkpoints between Hugging Face and Megatron"),
     "serve": ("or1_megatron.rollout.server", "serve a model on CPU with SGLang's HTTP API (the CPU rollout engine)"),
     "train": ("or1_megatron.controller.command", "run OR1 training (Ray, Megatron policy, rollout engines)"),
+    "plan": ("or1_megatron.plan.command", "memory per GPU and step time of a config on N nodes"),
     "eval": ("or1_megatron.eval.command", "avg@k / pass@k of a model on evaluation data, per data source"),
 }
 

@@ -172,14 +172,6 @@ def test_tools_plan_script_prints_the_breakdown():
     assert out.count("stages[") == 4 and "N_SGD 2" in out and "FITS" in out
 
 
-def test_padded_vocab_matches_the_policy():
-    from or1_megatron.policy.model import padded_vocab_size
-
-    for tp in (1, 2, 3, 8):
-        for vocab in (152064, 151936, 1000):
-            assert _layout(tp).padded_vocab(vocab) == padded_vocab_size(vocab, 128, tp)
-
-
 def _layout(tp: int) -> Layout:
     return Layout(tensor_parallel=tp, pipeline_parallel=1, context_parallel=1, world_size=tp,
                   sequence_parallel=tp > 1, distributed_optimizer=True, recompute=True,

@@ -8,7 +8,7 @@ import torch
 from or1_megatron.convert.hf_config import arch_from_dict
 from or1_megatron.convert.qwen2 import Qwen2Mapping, canonical_mcore_name, check_names
 from or1_megatron.errors import CheckpointError, ModelConfigError
-from or1_megatron.policy.model import padded_vocab_size
+from or1_megatron.convert.hf_config import padded_vocab_size
 
 MODELS = Path(__file__).resolve().parents[1] / "configs" / "models"
 QWEN_7B = json.loads((MODELS / "deepseek-r1-distill-qwen-7b.json").read_text())

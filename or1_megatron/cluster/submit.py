@@ -18,13 +18,8 @@ import time
 from pathlib import Path
 
 from or1_megatron.cluster.slurm_script import SlurmJob, render_sbatch
-from or1_megatron.config.loader import load_config
+from or1_megatron.config.loader import default_run_dir, load_config
 from or1_megatron.errors import OR1Error
-
-
-def default_run_dir(config_path: Path, configured: str) -> Path:
-    """run.run_dir when set, else runs/<config name> (the training loop's default)."""
-    return Path(configured) if configured else Path("runs") / config_path.stem
 
 
 def check_allocation(world_size: int, engine_gpus: int, placement: str, nodes: int, gpus_per_node: int) -> str | None:

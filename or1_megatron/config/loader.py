@@ -67,6 +67,12 @@ def to_yaml(config: OR1Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
+def default_run_dir(config_path: str | Path, configured: str) -> Path:
+    """run.run_dir when set, else runs/<config name>: where `or1 train` and the Slurm launcher
+    put a run."""
+    return Path(configured) if configured else Path("runs") / Path(config_path).stem
+
+
 def save_resolved_config(config: OR1Config, run_dir: str | Path) -> Path:
     """Write the fully resolved config next to the run's outputs, so every run is reproducible."""
     out = Path(run_dir) / "config.yaml"

@@ -43,7 +43,7 @@ def _setup_logging(run_dir: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from or1_megatron.config.loader import load_config
+    from or1_megatron.config.loader import default_run_dir, load_config
 
     args = parse_args(argv)
     overrides = list(args.overrides)
@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
     except OR1Error as exc:
         print(f"or1 train: error: {exc}", file=sys.stderr)
         return 2
-    run_dir = Path(config.run.run_dir or Path("runs") / Path(args.config).stem).resolve()
+    run_dir = default_run_dir(args.config, config.run.run_dir).resolve()
     config.run.run_dir = str(run_dir)
     _setup_logging(run_dir)
 

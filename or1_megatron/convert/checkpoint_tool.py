@@ -64,7 +64,7 @@ def check_layout(arch: Qwen2Arch, layout: Layout) -> None:
 
 def _mapping(arch: Qwen2Arch, tp: int) -> Qwen2Mapping:
     from or1_megatron.config.schema import ModelConfig
-    from or1_megatron.policy.model import padded_vocab_size
+    from or1_megatron.convert.hf_config import padded_vocab_size
 
     # The trainer's default padding, so a converted checkpoint loads with the default config.
     divisible_by = ModelConfig.make_vocab_size_divisible_by

@@ -6,6 +6,7 @@ name, so a converter or trainer never guesses at a model it does not know.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -99,6 +100,16 @@ def arch_from_dict(raw: dict, source: str = "<dict>") -> Qwen2Arch:
         max_position_embeddings=int(raw.get("max_position_embeddings") or 32768),
         architecture=architectures[0],
     )
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
+    """Vocabulary rows of the embedding and output layer.
+
+    Unlike Megatron-LM (multiple of divisible_by x TP), the padding does not depend on TP when TP
+    divides `divisible_by`, so a checkpoint saved at TP2 loads at TP1 with the same shapes.
+    """
+    multiple = math.lcm(divisible_by, tensor_parallel)
+    return -(-vocab_size // multiple) * multiple
 
 
 def layout_problems(arch: Qwen2Arch, tensor_parallel: int, pipeline_parallel: int) -> list[tuple[str, str]]:

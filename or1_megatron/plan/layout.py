@@ -6,10 +6,10 @@ into the `key=value` arguments that `or1 train`, `or1 config` and the planner ac
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 from or1_megatron.config.schema import OR1Config
+from or1_megatron.convert.hf_config import padded_vocab_size
 
 # Layout field -> the config key it is read from and written to.
 CONFIG_KEYS = {
@@ -80,10 +80,7 @@ class Layout:
         return self.world_size + self.engine_gpus
 
     def padded_vocab(self, vocab_size: int) -> int:
-        # The rule of policy.model.padded_vocab_size, kept here because importing that module
-        # pulls in megatron (10+ s) for one line; tests/test_plan_tool.py checks they agree.
-        multiple = math.lcm(self.vocab_divisible_by, self.tensor_parallel)
-        return -(-vocab_size // multiple) * multiple
+        return padded_vocab_size(vocab_size, self.vocab_divisible_by, self.tensor_parallel)
 
     def overrides(self, base: "Layout") -> list[str]:
         """`key=value` for every knob that differs from `base`."""

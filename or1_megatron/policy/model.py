@@ -25,20 +25,10 @@ from megatron.core.transformer.transformer_block import (
 )
 
 from or1_megatron.config.schema import ModelConfig, ParallelConfig
-from or1_megatron.convert.hf_config import Qwen2Arch
+from or1_megatron.convert.hf_config import Qwen2Arch, padded_vocab_size
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:
-    """Vocabulary rows of the embedding and output layer.
-
-    Unlike Megatron-LM (multiple of divisible_by x TP), the padding does not depend on TP when TP
-    divides `divisible_by`, so a checkpoint saved at TP2 loads at TP1 with the same shapes.
-    """
-    multiple = math.lcm(divisible_by, tensor_parallel)
-    return -(-vocab_size // multiple) * multiple
 
 
 def use_transformer_engine(model_cfg: ModelConfig) -> bool:

@@ -22,12 +22,12 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from or1_megatron.config.schema import OR1Config
-from or1_megatron.convert.hf_config import load_arch
+from or1_megatron.convert.hf_config import load_arch, padded_vocab_size
 from or1_megatron.convert.qwen2 import Qwen2Mapping
 from or1_megatron.kernels import fused_logprob_entropy
 from or1_megatron.policy.checkpoint import PolicyState, load_checkpoint, read_metadata, save_checkpoint
 from or1_megatron.policy.hf_weights import load_hf_weights
-from or1_megatron.policy.model import DTYPES, PolicyGPTModel, build_policy_model, padded_vocab_size
+from or1_megatron.policy.model import DTYPES, PolicyGPTModel, build_policy_model
 from or1_megatron.policy.packing import PackedMicroBatch, pack, plan_micro_batches
 from or1_megatron.policy.parallel import RankLayout, init_parallel
 
