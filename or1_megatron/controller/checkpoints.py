@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from or1_megatron.errors import CheckpointError
-from or1_megatron.policy.checkpoint import read_metadata, resolve_checkpoint_dir
+from or1_megatron.policy.checkpoint_meta import read_metadata, resolve_checkpoint_dir
 
 PREFIX = "step_"
 

@@ -37,6 +37,7 @@ def _setup_logging(run_dir: Path) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     root = logging.getLogger()
     root.setLevel(logging.INFO)
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its INFO lines are set-up chatter
     for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(run_dir / "train.log")):
         handler.setFormatter(fmt)
         root.addHandler(handler)

@@ -10,22 +10,23 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from or1_megatron.config.schema import OR1Config
 from or1_megatron.controller.batch import TrainBatch, response_mask, split_over_data_parallel
-from or1_megatron.kernels import policy_loss
-from or1_megatron.policy.worker import PolicyWorker
-from or1_megatron.sync.plan import PushPlan, PushReport
-from or1_megatron.sync.sender import WeightSender
+
+if TYPE_CHECKING:  # megatron is imported on the ranks only: the driver never needs it
+    from or1_megatron.policy.worker import PolicyWorker
+    from or1_megatron.sync.plan import PushPlan, PushReport
+    from or1_megatron.sync.sender import WeightSender
 
 
 @dataclass
 class PolicyRank:
-    worker: PolicyWorker
-    sender: WeightSender
+    worker: "PolicyWorker"
+    sender: "WeightSender"
 
     @property
     def reports(self) -> bool:
@@ -44,6 +45,9 @@ def setup_policy_rank(rank: int, world_size: int, config: OR1Config) -> PolicyRa
     os.environ.setdefault("WORLD_SIZE", str(world_size))
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # 2 threads per rank made a TP2 step 20x slower on 2 cores
+    from or1_megatron.policy.worker import PolicyWorker
+    from or1_megatron.sync.sender import WeightSender
+
     return PolicyRank(worker=PolicyWorker(config), sender=WeightSender())
 
 
@@ -72,6 +76,8 @@ def train_policy(state: PolicyRank, batch: TrainBatch, indices: list[int], entro
                  clip_low: float, clip_high: float, dual_clip: float) -> dict[str, float]:
     """One optimizer step on the mini-batch `indices`: the token mean over all its response
     tokens on all replicas (the loss of each micro-batch is divided by that global count)."""
+    from or1_megatron.kernels import policy_loss
+
     global_tokens = batch.response_tokens(indices)
     share, placeholder = _share_or_placeholder(state, batch, indices)
     extras = batch.extras(share)
@@ -111,7 +117,7 @@ def restart_lr_schedule(state: PolicyRank, lr: float, warmup_steps: int) -> None
     state.worker.restart_lr_schedule(lr, warmup_steps)
 
 
-def push_weights(state: PolicyRank, plan: PushPlan) -> PushReport:
+def push_weights(state: PolicyRank, plan: "PushPlan") -> "PushReport":
     return state.sender.push(state.worker, plan)
 
 

@@ -21,8 +21,8 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from or1_megatron.convert.hf_config import Qwen2Arch
 from or1_megatron.errors import CheckpointError
+from or1_megatron.policy.checkpoint_meta import META_NAME, previous_dir, read_metadata, resolve_checkpoint_dir
 
-META_NAME = "or1_checkpoint.json"
 FORMAT_VERSION = 1
 # The distributed optimizer's canonical per-parameter format: loadable at any TP/PP/DP.
 _SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -94,7 +94,7 @@ def save_checkpoint(state: PolicyState, directory: str | Path, extra_state: dict
         (staging / META_NAME).write_text(json.dumps(meta, indent=2))
         # Never a moment without a complete checkpoint on disk: the old one is moved aside,
         # not deleted, until the new one has its name (a crash in between leaves `.previous`).
-        previous = _previous(final)
+        previous = previous_dir(final)
         if final.exists():
             shutil.rmtree(previous, ignore_errors=True)
             final.rename(previous)
@@ -102,25 +102,6 @@ def save_checkpoint(state: PolicyState, directory: str | Path, extra_state: dict
         shutil.rmtree(previous, ignore_errors=True)
     torch.distributed.barrier()
     return final
-
-
-def _previous(final: Path) -> Path:
-    return final.with_name(final.name + ".previous")
-
-
-def resolve_checkpoint_dir(directory: str | Path) -> Path:
-    """`directory`, or the copy a save interrupted between its two renames left beside it."""
-    directory = Path(directory)
-    if not (directory / META_NAME).is_file() and (_previous(directory) / META_NAME).is_file():
-        return _previous(directory)
-    return directory
-
-
-def read_metadata(directory: str | Path) -> dict[str, Any]:
-    path = resolve_checkpoint_dir(directory) / META_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{directory}: not an or1-megatron checkpoint (no {META_NAME})")
-    return json.loads(path.read_text())
 
 
 def check_compatible(state: PolicyState, directory: str | Path) -> dict[str, Any]:
