@@ -1,6 +1,5 @@
 """Shared test configuration: GPU tests skip cleanly on machines without CUDA."""
 import os
-import sys
 from pathlib import Path
 
 import pytest

@@ -111,3 +111,41 @@ def test_router_clients_send_one_payload_per_engine_tp_rank():
 
     router = RolloutRouter([TwoGpuEngine()])
     assert router.slots[0].client.tp_size == 2
+
+
+def test_a_weight_sync_hold_stops_restarts_and_readmits_the_engine_it_repaired(processes):
+    """While a sync holds the router, a dead engine is only taken out of service; the sync
+    restarts it, and the router takes it back as it is. One still dead at the end is recovered."""
+    async def scenario():
+        router = await _router(processes)  # health checks every 0.5 s
+        victim = router.slots[1]
+        restarts = victim.process.restarts
+        try:
+            async with router.recovery_paused():
+                victim.process.kill()
+                answers = await router.generate_many(PROMPTS[:4], [params(i, 8) for i in range(4)])
+                await asyncio.sleep(2)  # four health intervals: no verdict, no restart
+                assert not victim.process.alive() and victim.process.restarts == restarts
+                assert not victim.healthy and victim.recovery is None
+                # the sync restarts it (and feeds it its weights)
+                await asyncio.to_thread(victim.process.restart)
+                await asyncio.to_thread(victim.process.wait_ready)
+                await asyncio.sleep(1)
+                assert not victim.healthy  # not before the sync is over
+            await asyncio.wait_for(victim.recovery, 60)
+            readmitted = (victim.healthy, victim.process.restarts - restarts)
+            [served] = await victim.client.generate([PROMPTS[0]], params(0, 4))
+
+            async with router.recovery_paused():  # dead when the hold ends: recovered as usual
+                victim.process.kill()
+                await asyncio.sleep(1)
+            await asyncio.wait_for(victim.recovery, 120)
+            recovered = (victim.healthy, victim.process.alive(), victim.process.restarts - restarts)
+            return answers, router.resent, readmitted, served, recovered
+        finally:
+            await router.close(kill_engines=False)
+
+    answers, resent, readmitted, served, recovered = run(scenario())
+    assert [len(a.output_ids) for a in answers] == [8] * 4 and resent >= 1
+    assert readmitted == (True, 1) and len(served.output_ids) == 4
+    assert recovered == (True, True, 2)

@@ -15,6 +15,7 @@ from or1_megatron.rollout.serialization import (
     PayloadError,
     SharedPayload,
     decode_named_tensors,
+    decode_payload,
     flatten_bucket,
     split_into_buckets,
     unflatten_bucket,
@@ -56,6 +57,30 @@ def test_undelivered_payload_releases_its_shared_memory():
     payload = SharedPayload(NAMED, "flattened_bucket", copies=2)
     assert len(payload.texts) == 2 and _own_shm_files()
     payload.release(delivered=False)  # the engine was down: nobody will decode it
+    del payload
+    assert _own_shm_files() == []
+
+
+@pytest.mark.parametrize("load_format", ["flattened_bucket", None])
+def test_payload_refused_after_decoding_goes_back_to_the_sender(load_format):
+    """A receiver that refuses a decoded payload hands its references back; the sender, told
+    the payload was not delivered, drops them, and the files go (none too early: the
+    receiver's views stay readable until then)."""
+    payload = SharedPayload(NAMED, load_format, copies=2)
+    decoded = [decode_payload(text, load_format) for text in payload.texts]
+    for one in decoded:
+        one.refuse()
+    payload.release(delivered=False)
+    assert [(n, t.tolist()) for n, t in decoded[1].named] == [(n, t.tolist()) for n, t in NAMED]
+    del decoded, payload, one  # `one` still views the last payload's tensors
+    assert _own_shm_files() == []
+
+
+def test_a_payload_failing_its_structure_check_goes_back_to_the_sender():
+    payload = SharedPayload(NAMED, None)  # a named-tensor list, decoded as a bucket: refused
+    with pytest.raises(PayloadError, match="flattened_bucket"):
+        decode_payload(payload.texts[0], "flattened_bucket")
+    payload.release(delivered=False)
     del payload
     assert _own_shm_files() == []
 

@@ -95,3 +95,38 @@ def test_two_buffers_take_turns():
     owners = [b.flat.data_ptr() for b in buckets]
     assert owners == [buffers[0].buffer.data_ptr(), buffers[1].buffer.data_ptr(),
                       buffers[0].buffer.data_ptr()]
+
+
+def test_tensors_passed_by_reference_are_not_copied_but_keep_size_and_order():
+    """The trainer's parameters at TP1: views in the bucket, counted in its size, never copied."""
+    params = torch.arange(1000, dtype=torch.float32)  # one "parameter" storage
+    built = torch.full((100,), -1.0)  # a tensor the export built (a split qkv)
+    stream = [("a", params[:100]), ("b", built), ("c", params[100:300].view(10, 20)),
+              ("d", params[300:400])]
+    storage = params.untyped_storage().data_ptr()
+    buffer = BucketBuffer(1024)  # 400 + 400 bytes fit, the next 800 do not
+    buckets = list(iter_buckets(iter(stream), [buffer],
+                                lambda t: t.untyped_storage().data_ptr() == storage))
+    assert [([m.name for m in b.metadata], [n for n, _ in b.views]) for b in buckets] == [
+        (["b"], ["a"]), ([], ["c"]), ([], ["d"])]
+    assert [b.nbytes for b in buckets] == [800, 800, 400]
+    assert buckets[0].views[0][1].data_ptr() == params.data_ptr()  # the parameter itself
+    assert torch.equal(buckets[0].named_tensors()[0][1], built)
+    assert buckets[1].views[0][1].shape == (10, 20)
+
+
+def test_views_payload_is_read_in_place_and_leaves_no_shared_memory():
+    params = torch.randn(64).share_memory_()
+    views = [("a", params[:16].view(4, 4)), ("b", params[16:])]
+    payload = SharedPayload.of_views(views, copies=2)
+    for text in payload.texts:  # what each engine TP rank does
+        decoded = decode_named_tensors(text, None)
+        assert [n for n, _ in decoded] == ["a", "b"]
+        assert all(torch.equal(got, want) for (_, got), (_, want) in zip(decoded, views))
+    params[0] = 42.0  # the payload reads the trainer's memory, not a copy
+    assert decoded[0][1][0, 0] == 42.0
+    payload.release(delivered=True)
+    SharedPayload.of_views(views).release(delivered=False)
+    del decoded, payload, params, views
+    gc.collect()
+    assert _own_shm_files() == []

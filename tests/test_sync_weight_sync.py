@@ -18,6 +18,7 @@ import torch
 from or1_megatron.config.schema import SyncConfig
 from or1_megatron.distributed.rank_group import RankGroup
 from or1_megatron.policy.worker import PolicyWorker
+from or1_megatron.rollout.router import RolloutRouter
 from or1_megatron.sync.coordinator import WeightSyncCoordinator
 from or1_megatron.sync.plan import SyncVerificationError, WeightSyncError
 from or1_megatron.sync.sender import WeightSender
@@ -154,8 +155,12 @@ def test_engine_killed_during_sync_comes_back_with_the_new_weights(hf_dir, engin
     with RankGroup(4, setup_rank, hf_dir, 2, 2, timeout_s=120) as group:
         push, score = driver(group)
         group.call(train_rank, 200 + TRANSPORTS.index(transport) + (when == "before_push"))
+        # The router of the same engines (health checks every 0.2 s) must leave the victim to
+        # the sync: one restart in all, then the router serves from it again.
+        router = RolloutRouter(engines, health_interval_s=0.2)
         coordinator = WeightSyncCoordinator(engines, sync_config(transport, tmp_path),
-                                            vocab_size=VOCAB, hf_config_dir=str(hf_dir))
+                                            vocab_size=VOCAB, hf_config_dir=str(hf_dir),
+                                            router=router)
         pushes = []
 
         def push_and_kill(plan):
@@ -168,15 +173,19 @@ def test_engine_killed_during_sync_comes_back_with_the_new_weights(hf_dir, engin
             return reports
 
         async def scenario():
+            await router.start()
             try:
                 first = await coordinator.sync(push_and_kill, score)
                 second = await coordinator.sync(push, score)  # the restarted engine keeps working
-                return first, second
+                await asyncio.wait_for(router.slots[1].recovery or asyncio.sleep(0), 60)
+                return first, second, [slot.healthy for slot in router.slots]
             finally:
                 await coordinator.close()
+                await router.close(kill_engines=False)
 
-        first, second = run(scenario())
+        first, second, healthy = run(scenario())
     assert first.restarted == [victim.url] and victim.restarts == restarts + 1
+    assert healthy == [True, True]
     # The trainer pushed again to the restarted engine alone; disk re-feeds it from this
     # version's files instead.
     assert pushes == ([[0, 1]] if transport == "disk" else [[0, 1], [1]])

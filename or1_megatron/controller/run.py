@@ -111,6 +111,7 @@ async def train(config: OR1Config, run_dir: Path, resume: str, stop: StopFlag) -
                                 resume_after_step=resumed_step if saved else -1,
                                 console_every=config.logging.console_every)
         await session.__aenter__()
+        coordinator.router = session.router  # no engine restart by the router during a sync
         data = load_training_data(config, session.tokenizer)
         trainer = Trainer(config, ranks_group=policy, session=session, coordinator=coordinator,
                           metrics=metrics, checkpoints=CheckpointDirs(run_dir),

@@ -17,8 +17,9 @@ Weight updates wait until the running wave finishes, as SGLang's wait for in-fli
 unless generation is paused in place or the update asks `abort_all_requests`. Differences from
 SGLang (documented, deliberate): an unknown parameter name, a wrong shape or an undecodable
 payload is answered with an error and nothing is loaded (SGLang ignores unknown names and dies
-on a wrong shape); a tensor payload is always decoded first, so its shared memory is released
-even when the update is then refused; memory release keeps requests queued until resume.
+on a wrong shape); memory release keeps requests queued until resume. Like SGLang, a tensor
+update outside a session is refused before its payload is decoded; a payload refused after
+decoding hands its shared-memory references back, so a refusal always leaves them to the sender.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import torch
 from or1_megatron.errors import OR1Error
 from or1_megatron.rollout import protocol
 from or1_megatron.rollout.protocol import SampleRequest
-from or1_megatron.rollout.serialization import PayloadError, decode_named_tensors
+from or1_megatron.rollout.serialization import PayloadError, decode_payload
 from or1_megatron.rollout.weight_group import WeightUpdateGroup
 
 log = logging.getLogger(__name__)
@@ -192,17 +193,25 @@ class CpuEngine:
         return "Weight update session closed."
 
     def update_weights_from_tensor(self, req: protocol.UpdateWeightsFromTensorReqInput) -> str:
-        # Decode first, whatever happens next: decoding releases the payload's shared memory.
-        try:
-            decoded = [decode_named_tensors(text, req.load_format)
-                       for text in req.serialized_named_tensors]
-        except PayloadError as exc:
-            raise EngineCommandError(str(exc)) from None
+        # The session first, as SGLang: a payload refused before decoding stays the sender's.
         self._check_session("update_weights_from_tensor")
-        if len(decoded) != 1:
-            raise EngineCommandError(
-                f"got {len(decoded)} serialized payloads; this engine has tp_size 1 and takes one")
-        return self._apply(decoded[0], req.weight_version, req.abort_all_requests)
+        decoded = []
+        try:
+            for text in req.serialized_named_tensors:
+                decoded.append(decode_payload(text, req.load_format))
+            if len(decoded) != 1:
+                raise EngineCommandError(f"got {len(decoded)} serialized payloads; this engine "
+                                         "has tp_size 1 and takes one")
+            return self._apply(decoded[0].named, req.weight_version, req.abort_all_requests)
+        except Exception as exc:
+            error = str(exc) if isinstance(exc, (EngineCommandError, PayloadError)) \
+                else f"{type(exc).__name__}: {exc}"
+        # Any answer but success tells the sender to drop its references: hand them back. The
+        # error is raised out here, and no local keeps a payload: the answer's future keeps
+        # this frame, which would keep the payload mapped after the sender let go of it.
+        while decoded:
+            decoded.pop().refuse()
+        raise EngineCommandError(error)
 
     def update_weights_from_disk(self, req: protocol.UpdateWeightFromDiskReqInput) -> str:
         self._check_session("update_weights_from_disk")

@@ -174,12 +174,14 @@ class HttpEngine:
         body = {"serialized_named_tensors": payload.texts, "load_format": load_format,
                 "flush_cache": flush_cache, "abort_all_requests": abort_all_requests,
                 "weight_version": weight_version}
-        delivered = True  # any answer, even a refusal, means the engine decoded the payload
+        # Only a success consumed the payload: a refused one (SGLang and the CPU engine refuse
+        # before decoding, or hand the references back) or an unreachable engine leaves the
+        # receiver's references here, and keeping them would leak the /dev/shm files.
+        delivered = False
         try:
-            return await self._success("/update_weights_from_tensor", body)
-        except EngineUnavailable:
-            delivered = False
-            raise
+            message = await self._success("/update_weights_from_tensor", body)
+            delivered = True
+            return message
         finally:
             payload.release(delivered)
 

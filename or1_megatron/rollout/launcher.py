@@ -144,7 +144,7 @@ class CpuEngineProcess(EngineProcess):
                 "--model-path", self.model_path, "--host", self.host, "--port", str(self.port),
                 "--random-seed", str(self.random_seed), "--num-threads", str(self.num_threads),
                 "--max-running-requests", str(self.max_running_requests),
-                "--weight-version", self.weight_version, *self.extra_args]
+                "--weight-version", self.weight_version, "--exit-with-parent", *self.extra_args]
 
 
 class AttachedEngine(EngineProcess):

@@ -13,15 +13,20 @@ engine (SGLang >= 0.5.21) and keeps a CPU copy of the latest value of every tens
 (plus the last `update_weights_from_disk` path), which is what a restarted engine is given.
 Pass `resync=` to replace that copy by your own way of re-sending the weights (e.g. from the
 trainer's GPUs), which avoids holding a second copy of the model in host memory.
-It never generates, samples or computes anything itself.
+While a weight sync owns the engines (`recovery_paused()`, held by the sync coordinator), a
+failing engine is only taken out of service: the sync restarts and re-feeds it itself, and a
+second restart, or a replay of older weights in the middle of the sync, would undo its work.
+When the hold ends, a failed engine that answers again is taken back as it is; one that does not
+is recovered as usual. It never generates, samples or computes anything itself.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Sequence
 
 import torch
 
@@ -81,6 +86,7 @@ class RolloutRouter:
         self._changed = asyncio.Condition()
         self._health_task: asyncio.Task | None = None
         self._closed = False
+        self._holds = 0  # recovery_paused() depth: >0 while a weight sync owns the engines
         self.resent = 0  # requests sent again after their engine failed
 
     # ------------------------------------------------------------ lifecycle
@@ -247,13 +253,54 @@ class RolloutRouter:
 
     # ------------------------------------------------------------ failure handling
 
+    @contextlib.asynccontextmanager
+    async def recovery_paused(self) -> AsyncIterator[None]:
+        """Hold restarts, replays and health checks (a weight sync owns the engines meanwhile).
+
+        Entering waits for recoveries already running (they must not restart an engine under
+        the sync); leaving takes back each engine that failed meanwhile: as it is if it answers
+        /health (the sync restarted it with the new weights), else by a normal recovery."""
+        self._holds += 1
+        try:
+            running = [s.recovery for s in self.slots if s.recovery and not s.recovery.done()]
+            await asyncio.gather(*running, return_exceptions=True)
+            yield
+        finally:
+            self._holds -= 1
+            if self._holds == 0 and not self._closed:
+                for slot in self.slots:
+                    if slot.healthy and not slot.process.alive():  # died unnoticed meanwhile
+                        slot.healthy = False
+                        slot.history.append("process exited during a weight sync")
+                    if not slot.healthy and (slot.recovery is None or slot.recovery.done()):
+                        slot.recovery = asyncio.create_task(self._readmit(slot))
+
     def _mark_failed(self, slot: _Slot, reason: str) -> None:
         if not slot.healthy or self._closed:
             return
-        log.warning("engine %d (%s) failed: %s; restarting it", slot.index, slot.process.url, reason)
         slot.healthy = False
         slot.history.append(reason)
+        if self._holds:
+            log.warning("engine %d (%s) failed during a weight sync: %s; out of service until "
+                        "the sync ends", slot.index, slot.process.url, reason)
+            return
+        log.warning("engine %d (%s) failed: %s; restarting it", slot.index, slot.process.url, reason)
         slot.recovery = asyncio.create_task(self._recover(slot))
+
+    async def _readmit(self, slot: _Slot) -> None:
+        """After a hold: serve again from an engine that answers, recover one that does not."""
+        if slot.process.alive():
+            await slot.client.close()  # its connections died with the old process
+            slot.client = self._make_client(slot.process)
+            if await slot.client.health():
+                slot.health_failures = 0
+                slot.healthy = True
+                log.warning("engine %d (%s) is back after the weight sync", slot.index,
+                            slot.process.url)
+                async with self._changed:
+                    self._changed.notify_all()
+                return
+        await self._recover(slot)
 
     async def _recover(self, slot: _Slot, attempts: int = 3) -> None:
         for attempt in range(1, attempts + 1):
@@ -283,7 +330,7 @@ class RolloutRouter:
         while not self._closed:
             await asyncio.sleep(self.health_interval_s)
             for slot in self.slots:
-                if not slot.healthy:
+                if not slot.healthy or self._holds:  # a sync may keep /health slow: no verdicts
                     continue
                 if not slot.process.alive():
                     self._mark_failed(slot, f"process exited ({slot.process.process.returncode})")

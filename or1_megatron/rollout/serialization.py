@@ -7,9 +7,13 @@ SGLang's `update_weights_from_tensor` takes, per engine TP rank, the base64 text
 flat tensor). ForkingPickler moves CPU tensors into shared memory and pickles only a file name,
 which is what makes a multi-GB update cheap over HTTP. That needs the "file_system" sharing
 strategy (a file descriptor cannot cross HTTP), and each shared tensor leaves a
-`/dev/shm/torch_<pid>_*` file behind when a reference is never dropped: `SharedPayload` balances
-the references of payloads that never reached an engine, and `remove_stale_shm_files` sweeps
-files of processes that were killed.
+`/dev/shm/torch_<pid>_*` file behind when a reference is never dropped. The rule that keeps the
+count right: an engine that answers success consumed the payload (its decode dropped the
+reference pickling added); any other outcome (a refusal, an unreachable engine) leaves that
+reference to the sender, which drops it (`SharedPayload.release(delivered=False)`). SGLang refuses
+before decoding (no open session); the CPU engine does too, and when it refuses a payload it has
+already decoded it hands the references back (`DecodedPayload.refuse`). Files of killed
+processes are shm.py's business.
 
 This module owns encoding and decoding only. Decoding uses an allow-list unpickler: anything
 outside a fixed set of torch rebuild functions, dtypes and the metadata class is refused, so a
@@ -20,21 +24,16 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import os
 import pickle
-import re
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
-from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.multiprocessing
 
 from or1_megatron.errors import OR1Error
 
-SHM_DIR = Path("/dev/shm")
-_SHM_NAME = re.compile(r"^torch_(\d+)_")
 SGLANG_METADATA_MODULE = "sglang.srt.weight_sync.tensor_bucket"
 _ALIGN = 16
 
@@ -153,8 +152,7 @@ class SharedPayload:
     answered: `release(delivered=False)` drops the receiver's reference here. (Never unlink these files by
     hand while a process maps them: torch aborts that process when its own unlink fails.)
 
-    The CPU engine decodes every payload it receives before checking anything else, so any HTTP
-    answer from it means delivered."""
+    Only a success answer means delivered (see the module docstring)."""
 
     def __init__(self, named_tensors: list[tuple[str, torch.Tensor]], load_format: str | None,
                  copies: int = 1):
@@ -172,6 +170,15 @@ class SharedPayload:
         self._seal(obj, tensors, load_format, copies)
 
     @classmethod
+    def of_views(cls, named_tensors: list[tuple[str, torch.Tensor]],
+                 copies: int = 1) -> "SharedPayload":
+        """A named-tensor payload of tensors whose storage is in shared memory already (or may
+        move there in place): no copy, the engine reads them where they are."""
+        payload = cls.__new__(cls)
+        payload._seal(list(named_tensors), [t for _, t in named_tensors], None, copies)
+        return payload
+
+    @classmethod
     def of_flattened(cls, bucket: dict[str, Any], copies: int = 1) -> "SharedPayload":
         """A payload of an already flattened bucket, without copying it (the weight sync keeps
         its bucket buffer in shared memory, so serialising passes only its file name)."""
@@ -185,8 +192,14 @@ class SharedPayload:
         self.load_format = load_format
         # One pickle per engine TP rank: each rank's decode drops the reference its pickle added.
         self.texts = [serialize(obj) for _ in range(copies)]
-        self._storages = [t.untyped_storage() for t in tensors
-                          if not t.is_cuda and t.numel() > 0]
+        # One reference per distinct storage (a pickle shares a storage once, however many
+        # tensors view it), empty ones too: the file_system strategy counts those as well.
+        storages = {}
+        for tensor in tensors:
+            if not tensor.is_cuda:
+                storage = tensor.untyped_storage()
+                storages.setdefault(storage._cdata, storage)
+        self._storages = list(storages.values())
 
     def release(self, delivered: bool) -> None:
         """Drop the payload; `delivered=False` if no engine ever decoded it."""
@@ -195,29 +208,6 @@ class SharedPayload:
                 for _ in self.texts:
                     storage._shared_decref()
         self._storages = []
-
-
-def remove_stale_shm_files(shm_dir: Path = SHM_DIR) -> list[Path]:
-    """Unlink `torch_<pid>_*` files whose creating process is gone (a killed trainer's leftovers).
-
-    Call it when no live process can still map such a file (at start-up, after a test)."""
-    removed = []
-    for path in shm_dir.glob("torch_*"):
-        match = _SHM_NAME.match(path.name)
-        if match and not _pid_alive(int(match.group(1))):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---------------------------------------------------------------- decoding (engine side)
@@ -247,6 +237,12 @@ _ALLOWED.update({("torch", name): None for name in _DTYPES})
 
 
 class _AllowListUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO):
+        super().__init__(file)
+        # Every shared storage rebuilt, once per occurrence: each rebuild dropped one reference
+        # the sender's pickling added, which a refusal must hand back.
+        self.taken: list[Any] = []
+
     def find_class(self, module: str, name: str) -> Any:
         key = (module, name)
         if key not in _ALLOWED:
@@ -255,14 +251,50 @@ class _AllowListUnpickler(pickle.Unpickler):
                 hint = (" (the sender used the file_descriptor sharing strategy; call "
                         "torch.multiprocessing.set_sharing_strategy('file_system') before encoding)")
             raise PayloadError(f"payload refers to {module}.{name}, which is not allowed{hint}")
+        if name == "rebuild_storage_filename":
+            return _recording_rebuild(self.taken)
         return _ALLOWED[key] or super().find_class(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
         raise PayloadError("payload uses persistent ids, which are not allowed")
 
 
-def deserialize(text: str | bytes) -> Any:
-    """Decode one `serialized_named_tensors` entry (base64 text or raw pickle bytes)."""
+def _recording_rebuild(taken: list[Any]) -> Callable[..., Any]:
+    """torch's rebuild_storage_filename, recording each storage in `taken`. A closure, not a
+    bound method: the unpickler keeps what find_class returns, and a cycle through it would
+    keep the payload mapped (and its file alive) until the garbage collector ran."""
+    from torch.multiprocessing.reductions import rebuild_storage_filename
+
+    def rebuild(*args: Any) -> Any:
+        storage = rebuild_storage_filename(*args)
+        taken.append(storage)
+        return storage
+
+    return rebuild
+
+
+@dataclass
+class DecodedPayload:
+    """A decoded payload's tensors, and the shared storages whose sender references it took."""
+
+    named: list[tuple[str, torch.Tensor]]
+    taken: list[Any]
+
+    def refuse(self) -> None:
+        """Hand the sender's references back (the engine refuses it after decoding): the sender,
+        told by the refusal that nothing was delivered, drops them itself."""
+        _give_back(self.taken)
+        self.taken = []
+
+
+def _give_back(storages: list[Any]) -> None:
+    for storage in storages:
+        storage._shared_incref()
+
+
+def _unpickle(text: str | bytes) -> tuple[Any, list[Any]]:
+    """One `serialized_named_tensors` entry (base64 text or raw pickle bytes) -> (object, the
+    shared storages taken). On failure the sender keeps its references."""
     use_file_system_sharing()
     if isinstance(text, str):
         try:
@@ -271,23 +303,38 @@ def deserialize(text: str | bytes) -> Any:
             raise PayloadError(f"payload is not valid base64: {exc}") from None
     else:
         data = text
+    unpickler = _AllowListUnpickler(io.BytesIO(data))
     try:
-        return _AllowListUnpickler(io.BytesIO(data)).load()
+        return unpickler.load(), unpickler.taken
     except PayloadError:
+        _give_back(unpickler.taken)
         raise
     except Exception as exc:  # truncated data, missing shm file, ... : all answer as errors
+        _give_back(unpickler.taken)
         raise PayloadError(f"payload cannot be unpickled: {type(exc).__name__}: {exc}") from None
 
 
+def decode_payload(text: str | bytes, load_format: str | None) -> DecodedPayload:
+    """Decode a payload into `(name, tensor)` pairs, checking its structure; a payload refused
+    here hands its references back to the sender."""
+    obj, taken = _unpickle(text)
+    try:
+        if load_format == "flattened_bucket":
+            named = unflatten_bucket(obj)
+        elif isinstance(obj, (list, tuple)):
+            named = list(_check_pairs(obj))
+        else:
+            raise PayloadError(f"a named-tensor payload must be a list of (name, tensor), "
+                               f"got {type(obj).__name__}")
+    except PayloadError:
+        _give_back(taken)
+        raise
+    return DecodedPayload(named, taken)
+
+
 def decode_named_tensors(text: str | bytes, load_format: str | None) -> list[tuple[str, torch.Tensor]]:
-    """Decode a payload into `(name, tensor)` pairs, checking its structure."""
-    obj = deserialize(text)
-    if load_format == "flattened_bucket":
-        return unflatten_bucket(obj)
-    if not isinstance(obj, (list, tuple)):
-        raise PayloadError(f"a named-tensor payload must be a list of (name, tensor), "
-                           f"got {type(obj).__name__}")
-    return list(_check_pairs(obj))
+    """`decode_payload` for a receiver that always consumes the payload."""
+    return decode_payload(text, load_format).named
 
 
 def _check_pairs(items: Iterable[Any]) -> Iterable[tuple[str, torch.Tensor]]:

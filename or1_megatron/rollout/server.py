@@ -18,6 +18,8 @@ import itertools
 import logging
 import os
 import sys
+import threading
+import time
 from typing import Any, Callable
 
 import torch
@@ -231,12 +233,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch threads (default: torch's choice)")
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--exit-with-parent", action="store_true",
+                        help="exit when the process that started this server dies (set by the "
+                             "trainer and the tools, so a killed run leaves no engine behind)")
     return parser.parse_args(argv)
+
+
+def exit_with_parent(interval_s: float = 1.0) -> None:
+    """Exit at once when the parent process dies (this process is then re-parented)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def main(argv: list[str]) -> int:
     """Entry point of `or1 serve`."""
     args = parse_args(argv)
+    if args.exit_with_parent:
+        exit_with_parent()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)

@@ -5,14 +5,15 @@ it without a copy; on the GPU for CUDA IPC) plus SGLang's `FlattenedTensorMetada
 tensor in it. Each tensor of the stream is copied into a buffer as soon as it arrives and then
 dropped, so a sending rank holds its own shards, one gathered parameter and its buffers. The
 sender uses two buffers of half the configured bucket size in turn: one is being sent while
-the other is packed, and together they never exceed the configured size. This
-module owns the byte layout only; it never sends anything.
+the other is packed, and together they never exceed the configured size. Tensors the sender
+passes by reference (views of the trainer's parameters, colocated on CPU) skip the copy and
+ride along as views. This module owns the byte layout only; it never sends anything.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import itertools
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -33,15 +34,18 @@ def nbytes(tensor: torch.Tensor) -> int:
 
 @dataclass
 class Bucket:
-    """A filled bucket: `flat` (uint8, only the used bytes) and one metadata entry per tensor."""
+    """A filled bucket: `flat` (uint8, only the used bytes) and one metadata entry per tensor
+    copied into it, plus `views`: tensors passed by reference instead (see `iter_buckets`)."""
 
     flat: torch.Tensor
     metadata: list
+    views: list[tuple[str, torch.Tensor]] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of tensor data (without alignment padding)."""
-        return sum(m.end_idx - m.start_idx for m in self.metadata)
+        """Bytes of tensor data (without alignment padding), views included."""
+        return (sum(m.end_idx - m.start_idx for m in self.metadata)
+                + sum(nbytes(t) for _, t in self.views))
 
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """Views of the tensors inside the bucket (no copy)."""
@@ -80,27 +84,34 @@ class BucketBuffer:
         return flat
 
 
-def iter_buckets(stream: Iterable[tuple[str, torch.Tensor]],
-                 buffers: Sequence[BucketBuffer]) -> Iterator[Bucket]:
+def iter_buckets(stream: Iterable[tuple[str, torch.Tensor]], buffers: Sequence[BucketBuffer],
+                 by_reference: Callable[[torch.Tensor], bool] | None = None) -> Iterator[Bucket]:
     """Copy tensors in order into the buffers, yield a Bucket whenever the next one does not fit.
 
     Buckets fill the buffers in turn. With two buffers the consumer may still be sending the
     previous bucket while the next one is packed; it must be done with a bucket before the
     bucket after next is asked for. A tensor larger than a buffer goes alone into a buffer of
-    its own size (the buffer's spare), in that buffer's turn.
+    its own size (the buffer's spare), in that buffer's turn. Tensors for which `by_reference`
+    is true are not copied: they join the bucket's `views` and count towards its size as if
+    they were in the buffer, so buckets keep their size and order.
     """
     metadata_cls = _metadata_class()
     turn = itertools.cycle(buffers)
     buffer = next(turn)
     metadata: list = []
-    offset = 0
+    views: list[tuple[str, torch.Tensor]] = []
+    offset = viewed = 0
     for name, tensor in stream:
         size = nbytes(tensor)
         start = aligned(offset)
-        if metadata and start + size > buffer.capacity:
-            yield Bucket(buffer.buffer[:offset], metadata)
+        if (metadata or views) and start + viewed + size > buffer.capacity:
+            yield Bucket(buffer.buffer[:offset], metadata, views)
             buffer = next(turn)
-            metadata, offset, start = [], 0, 0
+            metadata, views, offset, viewed, start = [], [], 0, 0, 0
+        if by_reference is not None and by_reference(tensor):
+            views.append((name, tensor.detach()))
+            viewed += size
+            continue
         if size > buffer.capacity:  # an embedding larger than the bucket: send it alone
             own = buffer.spare(size)
             _copy_in(own, 0, tensor)
@@ -112,8 +123,8 @@ def iter_buckets(stream: Iterable[tuple[str, torch.Tensor]],
         metadata.append(metadata_cls(name=name, shape=tensor.shape, dtype=tensor.dtype,
                                      start_idx=start, end_idx=start + size, numel=size))
         offset = start + size
-    if metadata:
-        yield Bucket(buffer.buffer[:offset], metadata)
+    if metadata or views:
+        yield Bucket(buffer.buffer[:offset], metadata, views)
 
 
 def _copy_in(flat: torch.Tensor, start: int, tensor: torch.Tensor) -> None:

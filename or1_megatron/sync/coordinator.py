@@ -7,11 +7,14 @@ session, flush the cache, continue generation, and check that every engine repor
 weight version. An engine that fails anywhere in the sequence is restarted and re-fed the full
 weights (a second push addressed to it alone) before generation continues; with `sync.verify`
 the trainer and every engine then score a fixed probe batch. Every engine call and the push
-are bounded by `sync.timeout_s`. This module never touches trainer tensors itself.
+are bounded by `sync.timeout_s`. Given the rollout router of the same engines, it holds the
+router's own recovery for the length of the sync. This module never touches trainer tensors
+itself.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import time
@@ -22,6 +25,8 @@ from typing import Awaitable, Callable, Sequence
 from or1_megatron.config.schema import SyncConfig
 from or1_megatron.rollout.engine import EngineError, EngineUnavailable, HttpEngine
 from or1_megatron.rollout.launcher import EngineProcess
+from or1_megatron.rollout.router import RolloutRouter
+from or1_megatron.rollout.shm import remove_stale_shm_files
 from or1_megatron.sync import verify as probe
 from or1_megatron.sync.plan import EngineTarget, PushPlan, PushReport, WeightSyncError
 from or1_megatron.sync.transports import transport_class
@@ -49,7 +54,7 @@ class WeightSyncCoordinator:
 
     def __init__(self, engines: Sequence[EngineProcess], config: SyncConfig, *, vocab_size: int,
                  hf_config_dir: str | None = None, run_dir: str = "", engine_tp_size: int = 1,
-                 max_repairs: int = 2):
+                 max_repairs: int = 2, router: RolloutRouter | None = None):
         if not engines:
             raise ValueError("a weight sync needs at least one engine")
         self.engines = list(engines)
@@ -58,10 +63,15 @@ class WeightSyncCoordinator:
         self.hf_config_dir = hf_config_dir
         self.engine_tp_size = engine_tp_size
         self.max_repairs = max_repairs
+        # The router serving rollouts from the same engines: it must not restart or re-feed one
+        # while a sync owns them (this sync restarts failed engines itself).
+        self.router = router
         self.transport = transport_class(config.transport)
         self.disk_root = Path(config.disk_dir or Path(run_dir or ".") / "weight_sync")
         self.clients = [self._client(p) for p in self.engines]
         self.version = 0
+        # A crashed earlier run's payload files would hold host memory until a reboot.
+        remove_stale_shm_files()
         self._lock = asyncio.Lock()
 
     def _client(self, process: EngineProcess) -> HttpEngine:
@@ -74,7 +84,10 @@ class WeightSyncCoordinator:
 
     async def sync(self, push: PushFn, score: probe.ScoreFn | None = None) -> SyncReport:
         """Push the trainer's current weights to every engine as version `self.version + 1`."""
-        async with self._lock:
+        hold = self.router.recovery_paused() if self.router else contextlib.nullcontext()
+        # The hold first: it waits for the router's running recoveries, whose re-feed of a
+        # restarted engine (`refeed`) needs the lock.
+        async with hold, self._lock:
             start = time.perf_counter()
             version = str(self.version + 1)
             everyone = set(range(len(self.engines)))
@@ -121,7 +134,8 @@ class WeightSyncCoordinator:
         return PushPlan(transport=self.config.transport, version=version, targets=targets,
                         bucket_bytes=int(self.config.bucket_mb * (1 << 20)), timeout_s=self.config.timeout_s,
                         disk_dir=str(self.disk_root / f"v{version}"),
-                        master_address=self.config.master_address)
+                        master_address=self.config.master_address,
+                        share_parameters=self.config.share_parameters)
 
     async def _push(self, push: PushFn, plan: PushPlan, failed: set[int]) -> list[PushReport]:
         if not plan.targets and plan.transport != "disk":
@@ -224,6 +238,28 @@ class WeightSyncCoordinator:
         for old in self.disk_root.glob("v*"):
             if old.name != f"v{plan.version}":
                 shutil.rmtree(old, ignore_errors=True)
+
+    async def refeed(self, index: int, push: PushFn) -> None:
+        """Give engine `index` the current weights after a restart outside a sync (the router
+        restarted it when it crashed during rollouts): the push of the last sync, addressed to
+        it alone, so it never serves the base weights under the current version."""
+        if self.version == 0:
+            return  # no sync yet: a fresh engine already holds the weights it started with
+        async with self._lock:
+            await self.clients[index].close()
+            self.clients[index] = self._client(self.engines[index])
+            version, failed = str(self.version), set()
+            live = await self._each({index}, lambda c: c.begin_weight_update(),
+                                    "begin_weight_update", failed)
+            plan = self._plan(version, live)
+            if plan.transport != "disk":  # disk: this version's files are still there
+                await self._push(push, plan, failed)
+            live = await self._each(live - failed, lambda c: self.transport.commit(c, plan),
+                                    "commit", failed)
+            await self._each(live, lambda c: c.end_weight_update(), "end_weight_update", failed)
+            if failed:
+                raise WeightSyncError(f"{self._label(index)}: re-feeding weight version {version} "
+                                      "after its restart failed")
 
     # ------------------------------------------------------------ verification
 

@@ -40,6 +40,8 @@ class PushPlan:
     disk_dir: str = ""
     master_address: str = "127.0.0.1"
     group_prefix: str = "or1_sync"
+    # colocated on CPU: engines read views of the trainer's parameters in shared memory.
+    share_parameters: bool = True
 
     def only(self, indices: set[int]) -> "PushPlan":
         """The same push, restricted to some engines (re-feeding restarted engines)."""

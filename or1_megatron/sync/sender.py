@@ -5,20 +5,23 @@ parameter is an all-gather over TP); only their TP-rank-0 member packs the gathe
 buckets and hands them to the transport, so each pipeline stage sends its own layers once. The
 other data-parallel replicas hold the same weights and do nothing. The senders of all stages
 form one of megatron's pipeline groups (TP rank 0, DP rank 0), which orders them when the
-transport needs it. This module never talks to
-the coordinator: it gets a PushPlan and returns a PushReport.
+transport needs it. The colocated transport on CPU takes views of the parameters by reference
+instead of copies (`share_parameters`). This module never talks to the coordinator: it gets a
+PushPlan and returns a PushReport.
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from megatron.core import parallel_state
 
 from or1_megatron.policy.export import iter_stage_hf_tensors
 from or1_megatron.policy.parallel import RankLayout
+from or1_megatron.rollout.serialization import use_file_system_sharing
+from or1_megatron.rollout.shm import remove_stale_shm_files
 from or1_megatron.sync.buckets import ALIGN, BucketBuffer, iter_buckets
 from or1_megatron.sync.plan import PushPlan, PushReport
 from or1_megatron.sync.transports import transport_class
@@ -44,6 +47,8 @@ class WeightSender:
         half = max(ALIGN, bucket_bytes // 2 // ALIGN * ALIGN)
         if not self._buffers or self._buffers[0].capacity != half:
             device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+            if device == "cpu":  # on this node, a crashed earlier run's buffers may still sit
+                remove_stale_shm_files()
             self._buffers = []  # free the old ones before allocating new ones
             self._buffers = [BucketBuffer(half, device=device) for _ in range(2)]
         return self._buffers
@@ -65,8 +70,11 @@ class WeightSender:
         in_turn = transport_class(plan.transport).stages_in_turn and layout.pp_size > 1
         for _ in range(layout.pp_rank if in_turn else 0):
             torch.distributed.barrier(group=parallel_state.get_pipeline_model_parallel_group())
+        by_reference = (share_parameters(worker.unwrapped)
+                        if transport_class(plan.transport).passes_views and plan.share_parameters
+                        else None)
         try:
-            asyncio.run(self._send(stream, plan, layout.pp_rank, report))
+            asyncio.run(self._send(stream, plan, layout.pp_rank, report, by_reference))
         finally:
             for _ in range(layout.pp_size - layout.pp_rank if in_turn else 0):
                 torch.distributed.barrier(group=parallel_state.get_pipeline_model_parallel_group())
@@ -74,9 +82,10 @@ class WeightSender:
         return report
 
     async def _send(self, stream: Iterable[tuple[str, torch.Tensor]], plan: PushPlan,
-                    pp_stage: int, report: PushReport) -> None:
+                    pp_stage: int, report: PushReport,
+                    by_reference: Callable[[torch.Tensor], bool] | None) -> None:
         transport = transport_class(plan.transport)(plan, pp_stage)
-        buckets = iter_buckets(stream, self.buffers(plan.bucket_bytes))
+        buckets = iter_buckets(stream, self.buffers(plan.bucket_bytes), by_reference)
         in_flight: asyncio.Task | None = None
         try:
             await asyncio.wait_for(transport.open(), plan.timeout_s)
@@ -100,3 +109,22 @@ class WeightSender:
                 await asyncio.gather(in_flight, return_exceptions=True)
             await asyncio.wait_for(transport.close(), plan.timeout_s)
         report.failed = dict(transport.failed)
+
+
+def share_parameters(model: torch.nn.Module) -> Callable[[torch.Tensor], bool] | None:
+    """Move the CPU parameters' storages into shared memory (in place, once: the trainer keeps
+    using them there) and return the test for "a view of a parameter", or None on GPUs.
+
+    At TP1 most tensors of the export stream are views of parameters; a colocated engine can
+    read those where they are, which saves copying the model into the bucket (on CPU that copy
+    is half of a sync). Moved here, up front, because pickling would move a storage in place
+    while the packing thread may be reading it. Tensors built by the export (TP gathers, split
+    qkv) are still copied into the bucket: their storages are new on every sync."""
+    params = [p for p in model.parameters() if p.device.type == "cpu" and p.numel() > 0]
+    if not params:
+        return None
+    use_file_system_sharing()
+    for param in params:
+        param.data.share_memory_()  # a no-op after the first sync
+    storages = {p.untyped_storage().data_ptr() for p in params}
+    return lambda t: t.device.type == "cpu" and t.untyped_storage().data_ptr() in storages

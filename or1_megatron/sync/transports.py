@@ -10,6 +10,7 @@ push and `commit(client, plan)` after it.
 
 - colocated: the bucket buffer lives in shared memory (CUDA memory on GPUs), so the payload of
   `update_weights_from_tensor(load_format="flattened_bucket")` is a file name (an IPC handle);
+  views of the trainer's parameters (TP1 on CPU) go as a named-tensor payload, uncopied;
 - distributed: `init_weights_update_group` with every engine (the sender is group rank 0, one
   group per pipeline stage, stages in turn), one `update_weights_from_distributed` call per
   bucket, one broadcast per tensor; gloo on CPU;
@@ -42,6 +43,8 @@ class Transport:
     name = ""
     # True if pipeline stages must send one after the other (see DistributedTransport).
     stages_in_turn = False
+    # True if buckets may carry tensors by reference (Bucket.views) instead of copied bytes.
+    passes_views = False
 
     def __init__(self, plan: PushPlan, pp_stage: int):
         self.plan, self.pp_stage = plan, pp_stage
@@ -91,18 +94,28 @@ class Transport:
 
 
 def _names(bucket: Bucket) -> str:
-    names = [m.name for m in bucket.metadata]
+    names = [m.name for m in bucket.metadata] + [name for name, _ in bucket.views]
     return names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
 
 
 class ColocatedTransport(Transport):
+    """Tensors copied into the bucket go as one flattened bucket; tensors passed by reference
+    (`Bucket.views`: the trainer's own parameters at TP1 on CPU) as a named-tensor payload of
+    views, which the engine copies straight from the trainer's memory."""
+
     name = "colocated"
+    passes_views = True
 
     async def send(self, bucket: Bucket) -> None:
         async def push(client: HttpEngine, target: EngineTarget) -> None:
-            payload = SharedPayload.of_flattened(bucket.payload(), copies=target.tp_size)
-            await client.update_weights_from_tensor(payload, weight_version=self.plan.version,
-                                                    flush_cache=False)
+            if bucket.metadata:
+                await client.update_weights_from_tensor(
+                    SharedPayload.of_flattened(bucket.payload(), copies=target.tp_size),
+                    weight_version=self.plan.version, flush_cache=False)
+            if bucket.views:
+                await client.update_weights_from_tensor(
+                    SharedPayload.of_views(bucket.views, copies=target.tp_size),
+                    weight_version=self.plan.version, flush_cache=False)
         await self._on_each(push, f"bucket [{_names(bucket)}]")
 
 
