@@ -105,3 +105,14 @@ def _metrics_if_any(run_dir):
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def test_disaggregated_engines_get_bundles_of_their_own(tmp_path):
+    # Engines in their own placement-group bundles (no memory hand-back): one step, verified sync.
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(train_command(run_dir) + ["rollout.placement=disaggregated", "run.max_steps=1",
+                                                    "data.eval_every=0", "checkpoint.every_steps=0"],
+                          capture_output=True, text=True, timeout=400, cwd=ROOT, start_new_session=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == [0, 1] and records[1]["actor/train_tokens"] > 0
