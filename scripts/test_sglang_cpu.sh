@@ -8,9 +8,9 @@
 # with SGLANG_VENV=path), built here when missing: torch 2.13.0 (CPU) first and alone, then
 # sglang==0.5.21 (the release pinning torch 2.13.0) WITHOUT its dependencies (they are CUDA
 # kernels and wheels: flashinfer, sglang-kernel, cuda-python, ..., several GB that cannot run
-# here), then the runtime dependencies its CPU server imports at start-up, with SGLang's own pins
-# where it has them (transformers 5.12.1, tokenizers 0.22.2), then this package (no deps) and
-# pytest. Nothing of .venv is touched.
+# here), then the runtime dependencies its CPU server imports at start-up, then this package (no
+# deps) and pytest, every version pinned by requirements/sglang-cpu.txt (SGLang's own pins where
+# it has them: transformers 5.12.1, tokenizers 0.22.2). Nothing of .venv is touched.
 #
 # Usage: scripts/test_sglang_cpu.sh [pytest args...]   (default: the whole tier, verbose)
 # Measured on a shared 2-core machine: building the venv 151 s (2.2 GB; torch from the local
@@ -29,11 +29,8 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import sglang, pytest
   echo "building $VENV (torch $TORCH_VERSION, sglang $SGLANG_VERSION)"
   start=$(date +%s)
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-  constraints=$(mktemp)
-  trap 'rm -f "$constraints"' EXIT
-  # Nothing may replace the CPU torch or move SGLang's own pins.
-  printf '%s\n' "torch==$TORCH_VERSION" transformers==5.12.1 tokenizers==0.22.2 triton==3.7.0 \
-    > "$constraints"
+  # Exact pins of everything (the CPU torch, SGLang's own pins, every runtime package).
+  constraints=requirements/sglang-cpu.txt
   pip_install() { "$VENV/bin/python" -m pip install -q -c "$constraints" "$@"; }
   "$VENV/bin/python" -m pip install -q --upgrade pip
   pip_install "torch==$TORCH_VERSION"
