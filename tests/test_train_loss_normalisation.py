@@ -32,7 +32,7 @@ def make_batch(seed=0):
     for k, (prompt_len, response_len) in enumerate([(3, 9), (4, 2), (2, 6), (5, 5), (3, 1), (2, 11)]):
         ids = torch.randint(0, VOCAB, (prompt_len + response_len,), generator=g).tolist()
         advantage = float(torch.randn((), generator=g))
-        samples.append(TrainSample(ids[:prompt_len], ids[prompt_len:], advantage, 0.0, group=k // 2))
+        samples.append(TrainSample(ids[:prompt_len], ids[prompt_len:], advantage, group=k // 2))
     return TrainBatch(samples)
 
 

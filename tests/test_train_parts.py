@@ -42,7 +42,7 @@ def test_sampler_resumes_exactly_and_covers_each_epoch():
 
 
 def test_mini_batches_keep_groups_whole_and_dp_shares_balance_tokens():
-    samples = [TrainSample([1, 2], [3] * (1 + k), 0.5, 1.0, group=k // 2) for k in range(8)]
+    samples = [TrainSample([1, 2], [3] * (1 + k), 0.5, group=k // 2) for k in range(8)]
     batch = TrainBatch(samples)
     parts = mini_batches(batch, 2)
     assert parts == [[0, 1, 2, 3], [4, 5, 6, 7]]
@@ -57,7 +57,7 @@ def test_mini_batches_keep_groups_whole_and_dp_shares_balance_tokens():
 def test_response_mask_marks_the_positions_that_predict_response_tokens():
     # sequence p0 p1 p2 r0 r1: positions 2 and 3 predict r0 and r1
     assert response_mask(3, 5).tolist() == [0.0, 0.0, 1.0, 1.0]
-    sample = TrainSample([7, 8, 9], [1, 2], advantage=-0.5, reward=0.0, group=0)
+    sample = TrainSample([7, 8, 9], [1, 2], advantage=-0.5, group=0)
     extras = TrainBatch([sample], old_logprobs=[torch.zeros(4)]).extras([0])
     assert extras["advantages"][0].tolist() == [0.0, 0.0, -0.5, -0.5]
 

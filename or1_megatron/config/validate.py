@@ -127,8 +127,8 @@ def _validate_training(cfg: OR1Config, source: str) -> None:
     _check(cfg.warmup.sft_steps >= 0, source, "warmup.sft_steps", "must be >= 0")
     _check(cfg.warmup.sft_steps == 0 or d.arithmetic.enabled, source, "warmup.sft_steps",
            "the supervised warm-up needs reference responses: only data.arithmetic has them")
-    _check(bool(d.train_files) != d.arithmetic.enabled or not (d.train_files or d.arithmetic.enabled),
-           source, "data.train_files", "give either data.train_files or data.arithmetic, not both")
+    _check(not (d.train_files and d.arithmetic.enabled), source, "data.train_files",
+           "give either data.train_files or data.arithmetic, not both")
     _check(cfg.logging.console_every >= 1, source, "logging.console_every", "must be >= 1")
 
 

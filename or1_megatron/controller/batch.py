@@ -25,7 +25,6 @@ class TrainSample:
     prompt_ids: list[int]
     response_ids: list[int]
     advantage: float
-    reward: float
     group: int  # index of its prompt in the rollout batch
 
     @property

@@ -57,8 +57,8 @@ class _EngineHost:
     def alive(self) -> bool:
         return self.process.alive()
 
-    def returncode(self) -> int | None:
-        return self.process.process.returncode if self.process.process else None
+    def exit_code(self) -> int | None:
+        return self.process.exit_code()
 
     def kill(self, sig: int, timeout_s: float) -> None:
         self.process.kill(sig, timeout_s)
@@ -68,17 +68,6 @@ class _EngineHost:
 
     def log_tail(self, lines: int) -> str:
         return self.process.log_tail(lines)
-
-
-class _RemoteReturnCode:
-    """What the router reads as `process.process.returncode` of a remote engine."""
-
-    def __init__(self, host: Any):
-        self._host = host
-
-    @property
-    def returncode(self) -> int | None:
-        return ray.get(self._host.returncode.remote(), timeout=30)
 
 
 class RayEngineProcess(EngineProcess):
@@ -92,7 +81,6 @@ class RayEngineProcess(EngineProcess):
         self.host_actor = host_actor
         self.tp_size = tp_size
         self.call_timeout_s = call_timeout_s
-        self.process = _RemoteReturnCode(host_actor)  # type: ignore[assignment]
 
     def _call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
         return ray.get(getattr(self.host_actor, method).remote(*args),
@@ -111,6 +99,9 @@ class RayEngineProcess(EngineProcess):
 
     def alive(self) -> bool:
         return bool(self._call("alive"))
+
+    def exit_code(self) -> int | None:
+        return self._call("exit_code")
 
     def kill(self, sig: int = signal.SIGKILL, timeout_s: float = 30.0) -> None:
         self._call("kill", sig, timeout_s, timeout_s=2 * timeout_s + 30)

@@ -227,7 +227,7 @@ class Trainer:
         advantages = group_advantages(rewards, self.config.algo.advantage_eps)
         groups = filter_uniform_groups(rewards)
         keep = groups.keep if self.config.algo.drop_uniform_groups else torch.ones_like(groups.keep)
-        samples = [TrainSample(g.prompt_ids, response, float(advantages[p, j]), g.rewards[j], p)
+        samples = [TrainSample(g.prompt_ids, response, float(advantages[p, j]), p)
                    for p, g in enumerate(rollout.groups) if keep[p]
                    for j, response in enumerate(g.responses)]
         return TrainBatch(samples), groups.metrics()

@@ -62,14 +62,13 @@ def old_logprobs(state: PolicyRank, sequences: list[list[int]]
     return {i: (r.logprob, r.entropy) for i, r in zip(share, results)}
 
 
-def _share_or_placeholder(state: PolicyRank, batch: TrainBatch, indices: list[int]
+def _share_or_placeholder(state: PolicyRank, lengths: list[int], indices: list[int]
                           ) -> tuple[list[int], bool]:
-    share = state.my_share([len(s) for s in batch.sequences], indices)
-    if share:
-        return share, False
-    # More ranks than samples: this replica runs one sample with its mask zeroed, which adds
-    # exactly nothing to loss or gradient but keeps the collectives of the step in line.
-    return [indices[0]], True
+    """This replica's share of `indices`, or (when there are more replicas than samples) one
+    sample to run with its mask zeroed: it adds exactly nothing to loss or gradient but keeps
+    the collectives of the step in line. The flag says which."""
+    share = state.my_share(lengths, indices)
+    return (share, False) if share else ([indices[0]], True)
 
 
 def train_policy(state: PolicyRank, batch: TrainBatch, indices: list[int], entropy_coef: float,
@@ -79,11 +78,10 @@ def train_policy(state: PolicyRank, batch: TrainBatch, indices: list[int], entro
     from or1_megatron.kernels import policy_loss
 
     global_tokens = batch.response_tokens(indices)
-    share, placeholder = _share_or_placeholder(state, batch, indices)
+    share, placeholder = _share_or_placeholder(state, [len(s) for s in batch.sequences], indices)
     extras = batch.extras(share)
     if placeholder:
         extras["response_mask"] = [torch.zeros_like(m) for m in extras["response_mask"]]
-    positions = list(range(len(share)))
 
     def loss_fn(logprob, entropy, mb):
         return policy_loss(
@@ -91,19 +89,18 @@ def train_policy(state: PolicyRank, batch: TrainBatch, indices: list[int], entro
             clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip or None,
             entropy=entropy, entropy_coef=entropy_coef, global_token_count=global_tokens)
 
-    sequences = [batch.samples[i].sequence for i in share]
-    return state.worker.train_step(sequences, loss_fn, {k: [v[p] for p in positions]
-                                                        for k, v in extras.items()})
+    return state.worker.train_step([batch.samples[i].sequence for i in share], loss_fn, extras)
 
 
 def train_supervised(state: PolicyRank, sequences: list[list[int]], prompt_lengths: list[int]
                      ) -> dict[str, float]:
     """One warm-up step: mean negative log-likelihood of the response tokens over all replicas."""
     global_tokens = sum(len(s) - p for p, s in zip(prompt_lengths, sequences))
-    share = state.my_share([len(s) for s in sequences], list(range(len(sequences))))
+    share, placeholder = _share_or_placeholder(state, [len(s) for s in sequences],
+                                               list(range(len(sequences))))
     masks = [response_mask(prompt_lengths[i], len(sequences[i])) for i in share]
-    if not share:  # more replicas than sequences: a zero-weight placeholder (see train_policy)
-        share, masks = [0], [torch.zeros(len(sequences[0]) - 1)]
+    if placeholder:
+        masks = [torch.zeros_like(m) for m in masks]
 
     def loss_fn(logprob, entropy, mb):
         mask = mb.extras["response_mask"]

@@ -70,12 +70,10 @@ async def collect_rollouts(session: SamplingSession, records: Sequence[ProblemRe
 
     results = await asyncio.gather(*(sample(p, j) for p in range(len(records))
                                      for j in range(group_size)))
-    tasks = []
-    for k, result in enumerate(results):
-        kwargs = records[k // group_size].reward_kwargs()
-        kwargs["extra_info"]["finish_reason"] = result.finish_reason
-        text = session.tokenizer.decode(result.output_ids, skip_special_tokens=True)
-        tasks.append({**kwargs, "solution_str": text})
+    tasks = [records[k // group_size].reward_task(
+                 session.tokenizer.decode(result.output_ids, skip_special_tokens=True),
+                 result.finish_reason)
+             for k, result in enumerate(results)]
     scores = await asyncio.to_thread(session.pool.map, tasks)
     groups = []
     for p, record in enumerate(records):

@@ -48,17 +48,17 @@ def _start_ray(config: OR1Config) -> None:
 
 def _placement_group(config: OR1Config) -> Any:
     import ray
-    import torch
     from ray.util.placement_group import placement_group
 
-    gpu = {"GPU": 1.0} if torch.cuda.is_available() else {}
+    gpu = {"GPU": 1.0} if _has_gpu() else {}
     bundles = [{"CPU": 1.0, **gpu} for _ in range(config.parallel.world_size)]
-    group = placement_group(bundles + engine_bundles(config), strategy="PACK")
+    engines = engine_bundles(config)
+    group = placement_group(bundles + engines, strategy="PACK")
     try:
         ray.get(group.ready(), timeout=config.rollout.start_timeout_s)
     except ray.exceptions.GetTimeoutError:
         raise OR1Error(f"Ray could not place {len(bundles)} policy ranks and "
-                       f"{len(engine_bundles(config))} engine bundles within "
+                       f"{len(engines)} engine bundles within "
                        f"{config.rollout.start_timeout_s:.0f} s; cluster resources: "
                        f"{ray.cluster_resources()}") from None
     return group

@@ -51,6 +51,13 @@ class ProblemRecord:
         return {"data_source": self.data_source, "ground_truth": self.ground_truth,
                 "extra_info": {**self.extra_info, "ability": self.ability}}
 
+    def reward_task(self, solution_str: str, finish_reason: str) -> dict[str, Any]:
+        """One `compute_score` call for a response; the engine's finish reason goes with it,
+        since OR1's truncation rule needs it (a response cut at the length limit scores 0)."""
+        kwargs = self.reward_kwargs()
+        kwargs["extra_info"]["finish_reason"] = finish_reason
+        return {**kwargs, "solution_str": solution_str}
+
     def to_verl_row(self) -> dict[str, Any]:
         """A verl row; a non-string ground truth is stored as JSON text, as Skywork-OR1-RL-Data
         does, so that math and code rows share one parquet column type."""

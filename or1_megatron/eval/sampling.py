@@ -391,10 +391,7 @@ class _Run:
             tasks, owners = [], []
             for p in batch:
                 for text, finish_reason, _ in self.responses[p]:
-                    kwargs = self.records[p].reward_kwargs()
-                    # OR1's truncation rule needs the engine's finish reason (length -> score 0).
-                    kwargs["extra_info"]["finish_reason"] = finish_reason
-                    tasks.append({**kwargs, "solution_str": text})
+                    tasks.append(self.records[p].reward_task(text, finish_reason))
                     owners.append(p)
             pool = self.session.pool
             # Shielded and kept on the session: cancelling this run must not close the pool under

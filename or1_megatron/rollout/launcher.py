@@ -77,7 +77,7 @@ class EngineProcess:
         while time.monotonic() < deadline:
             if not self.alive():
                 raise EngineStartError(f"engine on {self.url} exited with code "
-                                       f"{self.process.returncode if self.process else None}:\n"
+                                       f"{self.exit_code()}:\n"
                                        f"{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
@@ -91,6 +91,10 @@ class EngineProcess:
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def exit_code(self) -> int | None:
+        """The exit status of the process once it has ended (None while it runs or never ran)."""
+        return self.process.returncode if self.process else None
 
     def kill(self, sig: int = signal.SIGKILL, timeout_s: float = 30.0) -> None:
         """Signal the engine's whole process group and reap it."""

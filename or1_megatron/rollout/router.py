@@ -333,7 +333,7 @@ class RolloutRouter:
                 if not slot.healthy or self._holds:  # a sync may keep /health slow: no verdicts
                     continue
                 if not slot.process.alive():
-                    self._mark_failed(slot, f"process exited ({slot.process.process.returncode})")
+                    self._mark_failed(slot, f"process exited ({slot.process.exit_code()})")
                 elif await slot.client.health():
                     slot.health_failures = 0
                 else:
