@@ -22,6 +22,7 @@ import torch
 
 from or1_megatron.rollout.engine import EngineError, EngineUnavailable, HttpEngine
 from or1_megatron.rollout.launcher import CpuEngineProcess, free_port
+from or1_megatron.rollout.serialization import SharedPayload, flatten_bucket
 from or1_megatron.rollout.weight_group import WeightUpdateGroup
 from tests import sglang_cpu_engine
 from tests.rollout_testutil import (forward_logprobs, load_model, make_tiny_qwen2,
@@ -454,6 +455,53 @@ def test_no_shared_memory_left_behind(engine):
     while left() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert left() == []
+
+
+def _eventually(condition, seconds: float = 10.0) -> bool:
+    """The engine drops a payload's references after answering, not before."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return condition()
+
+
+def test_a_reused_payload_file_stays_mapped_between_sessions(engine):
+    """The weight sender writes every sync into the same shared buffers. The CPU engine keeps a
+    file it saw in two consecutive sessions mapped (mapping it afresh costs as much as the copy),
+    loads the new bytes written into it, and lets go of it after a session without it."""
+    process, model = engine
+    if _is_sglang(process):
+        pytest.skip("keeping payload files mapped is the CPU engine's (KeptMappings)")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    bucket = flatten_bucket(list(original.items()))
+    flat = bucket["flattened_tensor"].share_memory_()
+    name = flat.untyped_storage()._share_filename_cpu_()[1].decode().lstrip("/")
+
+    def mapped() -> bool:
+        with open(f"/proc/{process.pid}/maps") as maps:
+            return name in maps.read()
+
+    async def send(client, version):
+        await client.begin_weight_update()
+        try:
+            await client.update_weights_from_tensor(SharedPayload.of_flattened(bucket),
+                                                    weight_version=version)
+        finally:
+            await client.end_weight_update()
+
+    call(process, lambda c: send(c, "once"))
+    assert _eventually(lambda: not mapped()), "a file seen in one session only stays mapped"
+    call(process, lambda c: send(c, "twice"))
+    time.sleep(0.5)
+    assert mapped(), "a file seen in two consecutive sessions is not kept mapped"
+    new = perturbed_weights(model, seed=2)
+    flat.copy_(flatten_bucket(list(new.items()))["flattened_tensor"])
+    call(process, lambda c: send(c, "new-bytes"))
+    results = call(process, lambda c: c.generate(PROMPTS, [sampled(i) for i in range(3)]))
+    assert {r.weight_version for r in results} == {"new-bytes"}
+    # Checks the new weights, then sends the originals in a fresh file: a session without ours.
+    _assert_generated_by(process, model, new, results, original)
+    assert _eventually(lambda: not mapped()), "a kept file outlives a session that did not use it"
 
 
 def test_sglang_dies_on_a_wrong_shape_and_on_a_refused_pickle_global(engine):

@@ -40,7 +40,7 @@ import torch
 from or1_megatron.errors import OR1Error
 from or1_megatron.rollout import protocol
 from or1_megatron.rollout.protocol import SampleRequest
-from or1_megatron.rollout.serialization import PayloadError, decode_payload
+from or1_megatron.rollout.serialization import KeptMappings, PayloadError, decode_payload
 from or1_megatron.rollout.weight_group import WeightUpdateGroup
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ class CpuEngine:
         self._wake = threading.Event()
         self._paused: str | None = None
         self._session_open = False
+        self._mappings = KeptMappings()  # the sender's reused payload files, kept mapped
         self._released: set[str] = set()
         self._groups: dict[str, WeightUpdateGroup] = {}
         self._stop = False
@@ -190,6 +191,7 @@ class CpuEngine:
         if not self._session_open:
             raise EngineCommandError("no weight update session is open; call begin_weight_update first")
         self._session_open = False
+        self._mappings.end_session()
         return "Weight update session closed."
 
     def update_weights_from_tensor(self, req: protocol.UpdateWeightsFromTensorReqInput) -> str:
@@ -202,7 +204,9 @@ class CpuEngine:
             if len(decoded) != 1:
                 raise EngineCommandError(f"got {len(decoded)} serialized payloads; this engine "
                                          "has tp_size 1 and takes one")
-            return self._apply(decoded[0].named, req.weight_version, req.abort_all_requests)
+            answer = self._apply(decoded[0].named, req.weight_version, req.abort_all_requests)
+            self._mappings.used(decoded[0])
+            return answer
         except Exception as exc:
             error = str(exc) if isinstance(exc, (EngineCommandError, PayloadError)) \
                 else f"{type(exc).__name__}: {exc}"

@@ -12,8 +12,9 @@ count right: an engine that answers success consumed the payload (its decode dro
 reference pickling added); any other outcome (a refusal, an unreachable engine) leaves that
 reference to the sender, which drops it (`SharedPayload.release(delivered=False)`). SGLang refuses
 before decoding (no open session); the CPU engine does too, and when it refuses a payload it has
-already decoded it hands the references back (`DecodedPayload.refuse`). Files of killed
-processes are shm.py's business.
+already decoded it hands the references back (`DecodedPayload.refuse`). An engine may keep the
+files a sender reuses mapped between updates (`KeptMappings`). Files of killed processes are
+shm.py's business.
 
 This module owns encoding and decoding only. Decoding uses an allow-list unpickler: anything
 outside a fixed set of torch rebuild functions, dtypes and the metadata class is refused, so a
@@ -239,9 +240,9 @@ _ALLOWED.update({("torch", name): None for name in _DTYPES})
 class _AllowListUnpickler(pickle.Unpickler):
     def __init__(self, file: io.BytesIO):
         super().__init__(file)
-        # Every shared storage rebuilt, once per occurrence: each rebuild dropped one reference
-        # the sender's pickling added, which a refusal must hand back.
-        self.taken: list[Any] = []
+        # Every shared storage rebuilt, once per occurrence, with its file's handle: each
+        # rebuild dropped one reference the sender's pickling added, which a refusal must hand back.
+        self.taken: list[tuple[bytes, Any]] = []
 
     def find_class(self, module: str, name: str) -> Any:
         key = (module, name)
@@ -259,15 +260,15 @@ class _AllowListUnpickler(pickle.Unpickler):
         raise PayloadError("payload uses persistent ids, which are not allowed")
 
 
-def _recording_rebuild(taken: list[Any]) -> Callable[..., Any]:
-    """torch's rebuild_storage_filename, recording each storage in `taken`. A closure, not a
+def _recording_rebuild(taken: list[tuple[bytes, Any]]) -> Callable[..., Any]:
+    """torch's rebuild_storage_filename, recording each (handle, storage) in `taken`. A closure, not a
     bound method: the unpickler keeps what find_class returns, and a cycle through it would
     keep the payload mapped (and its file alive) until the garbage collector ran."""
     from torch.multiprocessing.reductions import rebuild_storage_filename
 
-    def rebuild(*args: Any) -> Any:
-        storage = rebuild_storage_filename(*args)
-        taken.append(storage)
+    def rebuild(cls: Any, manager: Any, handle: bytes, *size_dtype: Any) -> Any:
+        storage = rebuild_storage_filename(cls, manager, handle, *size_dtype)
+        taken.append((handle, storage))
         return storage
 
     return rebuild
@@ -278,7 +279,7 @@ class DecodedPayload:
     """A decoded payload's tensors, and the shared storages whose sender references it took."""
 
     named: list[tuple[str, torch.Tensor]]
-    taken: list[Any]
+    taken: list[tuple[bytes, Any]]  # (file handle, storage) per shared storage rebuilt
 
     def refuse(self) -> None:
         """Hand the sender's references back (the engine refuses it after decoding): the sender,
@@ -287,12 +288,46 @@ class DecodedPayload:
         self.taken = []
 
 
-def _give_back(storages: list[Any]) -> None:
-    for storage in storages:
+def _give_back(taken: list[tuple[bytes, Any]]) -> None:
+    for _, storage in taken:
         storage._shared_incref()
 
 
-def _unpickle(text: str | bytes) -> tuple[Any, list[Any]]:
+class KeptMappings:
+    """Engine side: keeps mapped, from one update session to the next, the shared-memory files
+    a sender writes every time.
+
+    Mapping a payload's file and faulting its pages in costs about as much as copying the bytes
+    out (on CPU, a third of a colocated sync). The weight sender reuses the same files on every
+    sync (its bucket buffers, the trainer's parameters), so a file seen in two consecutive
+    sessions stays mapped: torch's shared_cache then hands its storage back to the next decode
+    without a new mapping. A kept file that a session does not use is let go at that session's
+    end, so a buffer its sender freed outlives it by one session at most; payloads built fresh
+    for one call (a new file name each time) are never kept."""
+
+    def __init__(self) -> None:
+        self._kept: dict[bytes, Any] = {}
+        self._last_session: set[bytes] = set()
+        self._session: set[bytes] = set()
+
+    def used(self, payload: DecodedPayload) -> None:
+        """A payload the engine consumed in the open session."""
+        for handle, storage in payload.taken:
+            self._session.add(handle)
+            if handle in self._last_session or handle in self._kept:
+                self._kept[handle] = storage
+
+    def end_session(self) -> None:
+        self._kept = {h: s for h, s in self._kept.items() if h in self._session}
+        self._last_session, self._session = self._session, set()
+
+    @property
+    def kept(self) -> int:
+        """How many files are mapped across sessions now."""
+        return len(self._kept)
+
+
+def _unpickle(text: str | bytes) -> tuple[Any, list[tuple[bytes, Any]]]:
     """One `serialized_named_tensors` entry (base64 text or raw pickle bytes) -> (object, the
     shared storages taken). On failure the sender keeps its references."""
     use_file_system_sharing()
