@@ -158,7 +158,7 @@ def _rank_mcore_to_hf(rank: int, world: int, mcore_dir: str, arch: Qwen2Arch, la
     mapping = _mapping(arch, layout.tp)
     load_checkpoint(PolicyState(model=model, arch=arch, padded_vocab=mapping.padded_vocab_size,
                                 layout={}), mcore_dir)
-    writer = rl.tp_rank == 0  # every TP rank gathers; one writes
+    writer = rl.tp_rank == 0  # the stream yields full tensors on TP rank 0 only
     files: list[dict] = []
     pending: dict[str, torch.Tensor] = {}
     pending_bytes = 0

@@ -1,8 +1,8 @@
 """The trainer-rank side of a push: which ranks take part, which one sends, and the send loop.
 
-All TP ranks of a stage's first data-parallel replica iterate the export stream together (each
-parameter is an all-gather over TP); only their TP-rank-0 member packs the gathered tensors into
-buckets and hands them to the transport, so each pipeline stage sends its own layers once. The
+All TP ranks of a stage's first data-parallel replica iterate the export stream together (the
+others send their shards of each parameter to TP rank 0); only TP rank 0 packs the gathered
+tensors into buckets and hands them to the transport, so each pipeline stage sends its own layers once. The
 other data-parallel replicas hold the same weights and do nothing. The senders of all stages
 form one of megatron's pipeline groups (TP rank 0, DP rank 0), which orders them when the
 transport needs it. The colocated transport on CPU takes views of the parameters by reference
@@ -61,7 +61,7 @@ class WeightSender:
             return report
         stream = iter_stage_hf_tensors(worker.unwrapped, worker.mapping, layout)
         if not report.sent:
-            for _ in stream:  # take part in the all-gathers; the TP-rank-0 peer sends
+            for _ in stream:  # send this rank's shards to the TP-rank-0 peer, which sends
                 pass
             return report
         start = time.perf_counter()
@@ -90,7 +90,7 @@ class WeightSender:
         try:
             await asyncio.wait_for(transport.open(), plan.timeout_s)
             while True:
-                # Pack the next bucket in a thread (copies and all-gathers release the GIL)
+                # Pack the next bucket in a thread (copies and TP receives release the GIL)
                 # while the event loop sends the previous one.
                 bucket = await asyncio.to_thread(next, buckets, None)
                 if in_flight is not None:

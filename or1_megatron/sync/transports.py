@@ -3,7 +3,7 @@
 Sender side (runs on the trainer rank that owns a pipeline stage's gathered tensors):
 `open()`, `send(bucket)` for every bucket in order, `close()`; engines that became unreachable
 are collected in `failed` (url -> reason) and skipped for the rest of the push, so the other
-engines still get every tensor and the stream keeps draining (the TP peers are in all-gathers).
+engines still get every tensor and the stream keeps draining (the TP peers are sending it shards).
 An engine that answers with a refusal is a bug and raises WeightSyncError naming it.
 Engine side (runs in the coordinator once every sender is done): `prepare(plan)` before the
 push and `commit(client, plan)` after it.
