@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from or1_megatron.errors import ConfigError
 from or1_megatron.rollout.serialization import SharedPayload, decode_named_tensors
-from or1_megatron.sync.buckets import ALIGN, BucketBuffer, iter_buckets
+from or1_megatron.sync.buckets import ALIGN, BucketBuffer, iter_buckets, named_groups
 from or1_megatron.sync.transports import write_safetensors
 from tests.policy_support import policy_config
 
@@ -31,7 +31,7 @@ def test_buckets_keep_order_values_and_the_size_bound():
     stream = _stream()
     buffer = BucketBuffer(2048)
     seen = []
-    for bucket in iter_buckets(iter(stream), [buffer]):
+    for bucket in iter_buckets(named_groups(stream), [buffer]):
         assert bucket.flat.numel() <= max(2048, bucket.nbytes)
         for meta in bucket.metadata:
             assert meta.start_idx % ALIGN == 0
@@ -47,7 +47,7 @@ def test_buckets_keep_order_values_and_the_size_bound():
 def _send_and_decode_one_bucket() -> None:
     stream = _stream(1)
     buffer = BucketBuffer(1 << 16)
-    [bucket] = list(iter_buckets(iter(stream), [buffer]))
+    [bucket] = list(iter_buckets(named_groups(stream), [buffer]))
     payload = SharedPayload.of_flattened(bucket.payload(), copies=2)
     for text in payload.texts:  # what each engine TP rank does
         decoded = decode_named_tensors(text, "flattened_bucket")
@@ -65,7 +65,7 @@ def test_bucket_payload_decodes_and_leaves_no_shared_memory():
 
 def test_disk_writer_produces_safetensors_that_load_back(tmp_path):
     stream = [(n, t) for n, t in _stream(2) if t.dtype != torch.int64] + [("i", torch.arange(5))]
-    [bucket] = list(iter_buckets(iter(stream), [BucketBuffer(1 << 16, shared=False)]))
+    [bucket] = list(iter_buckets(named_groups(stream), [BucketBuffer(1 << 16, shared=False)]))
     path = tmp_path / "b.safetensors"
     write_safetensors(bucket, path)
     with safe_open(str(path), framework="pt") as f:
@@ -90,7 +90,7 @@ def test_sync_config_is_validated_by_key(tmp_path):
 def test_two_buffers_take_turns():
     stream = [(f"t{i}", torch.full((100,), float(i))) for i in range(6)]  # 400 bytes each
     buffers = [BucketBuffer(1024), BucketBuffer(1024)]
-    buckets = list(iter_buckets(iter(stream), buffers))
+    buckets = list(iter_buckets(named_groups(stream), buffers))
     assert [len(b.metadata) for b in buckets] == [2, 2, 2]
     owners = [b.flat.data_ptr() for b in buckets]
     assert owners == [buffers[0].buffer.data_ptr(), buffers[1].buffer.data_ptr(),
@@ -105,7 +105,7 @@ def test_tensors_passed_by_reference_are_not_copied_but_keep_size_and_order():
               ("d", params[300:400])]
     storage = params.untyped_storage().data_ptr()
     buffer = BucketBuffer(1024)  # 400 + 400 bytes fit, the next 800 do not
-    buckets = list(iter_buckets(iter(stream), [buffer],
+    buckets = list(iter_buckets(named_groups(stream), [buffer],
                                 lambda t: t.untyped_storage().data_ptr() == storage))
     assert [([m.name for m in b.metadata], [n for n, _ in b.views]) for b in buckets] == [
         (["b"], ["a"]), ([], ["c"]), ([], ["d"])]
@@ -130,3 +130,33 @@ def test_views_payload_is_read_in_place_and_leaves_no_shared_memory():
     del decoded, payload, params, views
     gc.collect()
     assert _own_shm_files() == []
+
+
+def test_gathered_shards_are_assembled_in_place_a_parameter_per_bucket():
+    """TP2 shards of a small Qwen2 straight into buckets: every HF tensor comes out exact, and
+    the tensors of one parameter (q/k/v, gate/up) always share a bucket."""
+    from or1_megatron.convert.hf_config import arch_from_dict, padded_vocab_size
+    from or1_megatron.convert.qwen2 import Qwen2Mapping
+    from or1_megatron.policy.export import StageParameter
+
+    arch = arch_from_dict({"architectures": ["Qwen2ForCausalLM"], "vocab_size": 100,
+                           "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+                           "num_attention_heads": 8, "num_key_value_heads": 4,
+                           "max_position_embeddings": 64, "tie_word_embeddings": False,
+                           "rope_theta": 10000.0, "rms_norm_eps": 1e-6})
+    mapping = Qwen2Mapping(arch, padded_vocab_size(arch.vocab_size, 16, 2))
+    g = torch.Generator().manual_seed(3)
+    hf = {name: torch.randn(shape, generator=g) for name, shape in mapping.hf_shapes().items()}
+    stream = [StageParameter(mapping, m, [mapping.to_mcore_shard(m, [hf[n] for n in m.hf_names],
+                                                                 r, 2) for r in range(2)])
+              for m in mapping.entries()]
+    buffers = [BucketBuffer(8192), BucketBuffer(8192)]  # the embedding (12.8 kB) goes alone
+    seen = {}
+    for bucket in iter_buckets(iter(stream), buffers):
+        names = [m.name for m in bucket.metadata]
+        for param in stream:
+            assert set(param.names) <= set(names) or not set(param.names) & set(names)
+        seen.update((name, t.clone()) for name, t in bucket.named_tensors())
+    assert list(seen) == mapping.hf_names()
+    for name, want in hf.items():
+        assert torch.equal(seen[name], want), name

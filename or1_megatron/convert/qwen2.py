@@ -197,39 +197,77 @@ class Qwen2Mapping:
     # -- Megatron -> HF -----------------------------------------------------------------------
 
     def to_hf(self, m: TensorMapping, shards: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Gathered TP shards (in TP rank order) of `m` -> its full HF tensors."""
-        tp_size = len(shards)
-        expected = self.mcore_shard_shape(m, tp_size)
+        """Gathered TP shards (in TP rank order) of `m` -> its full HF tensors.
+
+        From a single shard (TP1) these are views of it where the layout allows (all but q/k/v):
+        the weight sync passes such views to a colocated engine by reference."""
+        views = self.hf_views(m, shards)
+        if views is not None:
+            return views
+        outs = [shards[0].new_empty(shape) for shape in m.hf_shapes]
+        self._write_hf(m, shards, outs)
+        return outs
+
+    def hf_views(self, m: TensorMapping, shards: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """`m`'s full HF tensors as views of its shard, where they are that (one shard, not
+        q/k/v, whose heads interleave per query group); else None."""
+        self._check_shards(m, shards)
+        if len(shards) != 1 or m.kind == QKV:
+            return None
+        if m.kind == VOCAB:
+            return [shards[0][: self.arch.vocab_size]]
+        if m.kind == GATE_UP:
+            return list(shards[0].chunk(2, dim=0))
+        return [shards[0]]
+
+    def to_hf_into(self, m: TensorMapping, shards: list[torch.Tensor],
+                   outs: list[torch.Tensor]) -> None:
+        """Write `m`'s full HF tensors from its gathered TP shards into `outs` (say, views into a
+        weight-sync bucket): gathering and packing in one pass, no full tensor built first."""
+        self._check_shards(m, shards)
+        for name, out, shape in zip(m.hf_names, outs, m.hf_shapes, strict=True):
+            if tuple(out.shape) != shape:
+                raise CheckpointError(f"{name}: output of shape {tuple(out.shape)}, expected {shape}")
+        self._write_hf(m, shards, outs)
+
+    def _check_shards(self, m: TensorMapping, shards: list[torch.Tensor]) -> None:
+        expected = self.mcore_shard_shape(m, len(shards))
         for r, shard in enumerate(shards):
             if tuple(shard.shape) != expected:
                 raise CheckpointError(
-                    f"{m.mcore_name} (TP rank {r} of {tp_size}): shape {tuple(shard.shape)}, "
+                    f"{m.mcore_name} (TP rank {r} of {len(shards)}): shape {tuple(shard.shape)}, "
                     f"expected {expected}"
                 )
+
+    def _write_hf(self, m: TensorMapping, shards: list[torch.Tensor], outs: list[torch.Tensor]) -> None:
         if m.kind == REPLICATED:
-            return [shards[0]]
-        if m.kind == ROW:
-            return [_cat(shards, dim=1)]
-        if m.kind == VOCAB:
-            return [_cat(shards, dim=0)[: self.arch.vocab_size]]
-        if m.kind == GATE_UP:
+            outs[0].copy_(shards[0])
+        elif m.kind == ROW:
+            torch.cat(shards, dim=1, out=outs[0])
+        elif m.kind == VOCAB:
+            row = 0
+            for shard in shards:  # the padding rows are the last ones: drop them
+                take = min(shard.shape[0], self.arch.vocab_size - row)
+                if take <= 0:
+                    break
+                outs[0][row:row + take].copy_(shard[:take])
+                row += take
+        elif m.kind == GATE_UP:
             halves = [s.chunk(2, dim=0) for s in shards]
-            return [_cat([g for g, _ in halves]), _cat([u for _, u in halves])]
-        return self._split_qkv(_cat(shards, dim=0))
-
-    def _split_qkv(self, fused: torch.Tensor) -> list[torch.Tensor]:
-        a = self.arch
-        groups, d = a.num_key_value_heads, a.head_dim
-        q_per_group = (a.num_attention_heads // groups) * d
-        tail = fused.shape[1:]
-        per_group = fused.reshape(groups, q_per_group + 2 * d, *tail)
-        q, k, v = per_group.split([q_per_group, d, d], dim=1)
-        return [q.reshape(-1, *tail), k.reshape(-1, *tail), v.reshape(-1, *tail)]
-
-
-def _cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
-    """torch.cat without the copy for a single part (TP=1): the weight sync streams views."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+            torch.cat([gate for gate, _ in halves], out=outs[0])
+            torch.cat([up for _, up in halves], out=outs[1])
+        else:  # QKV: every shard holds whole query groups, each [q heads; k; v]
+            a = self.arch
+            groups, d = a.num_key_value_heads, a.head_dim
+            q_per_group = (a.num_attention_heads // groups) * d
+            per_shard = groups // len(shards)
+            tail = shards[0].shape[1:]
+            grouped = [out.view(groups, -1, *tail) for out in outs]
+            for r, shard in enumerate(shards):
+                parts = shard.reshape(per_shard, q_per_group + 2 * d, *tail).split(
+                    [q_per_group, d, d], dim=1)
+                for out, part in zip(grouped, parts):
+                    out[r * per_shard:(r + 1) * per_shard].copy_(part)
 
 
 def check_names(

@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 from megatron.core import parallel_state
 
-from or1_megatron.convert.qwen2 import Qwen2Mapping, check_names
+from or1_megatron.convert.qwen2 import Qwen2Mapping, TensorMapping, check_names
 from or1_megatron.policy.hf_weights import stage_parameters
 from or1_megatron.policy.parallel import RankLayout
 
@@ -34,11 +34,41 @@ def _gather_tp(shard: torch.Tensor, layout: RankLayout) -> list[torch.Tensor] | 
     return parts
 
 
+class StageParameter:
+    """One parameter of the stage as the HF tensors it maps to, on the stage's TP rank 0: their
+    names, shapes and dtype, and the gathered shards they are made from (the weight sync's
+    buckets write them in place, or pass the views a single shard makes by reference)."""
+
+    def __init__(self, mapping: Qwen2Mapping, entry: TensorMapping, shards: list[torch.Tensor]):
+        self.mapping, self.entry, self.shards = mapping, entry, shards
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.entry.hf_names
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        return self.entry.hf_shapes
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.shards[0].dtype
+
+    def views(self) -> list[torch.Tensor] | None:
+        return self.mapping.hf_views(self.entry, self.shards)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.mapping.to_hf(self.entry, self.shards)
+
+    def write_into(self, outs: list[torch.Tensor]) -> None:
+        self.mapping.to_hf_into(self.entry, self.shards, outs)
+
+
 @torch.no_grad()
-def iter_stage_hf_tensors(
+def iter_stage_parameters(
     model: torch.nn.Module, mapping: Qwen2Mapping, layout: RankLayout
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, full tensor) for every tensor this stage owns, on the stage's TP rank 0.
+) -> Iterator[StageParameter]:
+    """Yield every parameter this stage owns with its TP shards gathered, on the stage's TP rank 0.
 
     All TP ranks of the stage must iterate together: the others yield nothing, they send their
     shards to TP rank 0 as it asks for each parameter.
@@ -50,4 +80,13 @@ def iter_stage_hf_tensors(
     for m in entries:
         shards = _gather_tp(params[m.mcore_name].detach(), layout)
         if shards is not None:
-            yield from zip(m.hf_names, mapping.to_hf(m, shards))
+            yield StageParameter(mapping, m, shards)
+
+
+def iter_stage_hf_tensors(
+    model: torch.nn.Module, mapping: Qwen2Mapping, layout: RankLayout
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) for every tensor this stage owns, on the stage's TP rank 0 (the
+    same collective contract as `iter_stage_parameters`)."""
+    for param in iter_stage_parameters(model, mapping, layout):
+        yield from zip(param.names, param.tensors())

@@ -1,19 +1,22 @@
-"""Packs a stream of (HF name, tensor) into flat byte buckets of a bounded size.
+"""Packs a stream of tensor groups (an HF tensor, or the HF tensors of one Megatron parameter)
+into flat byte buckets of a bounded size.
 
 A bucket is a preallocated uint8 buffer (in shared memory on CPU, so a colocated engine maps
 it without a copy; on the GPU for CUDA IPC) plus SGLang's `FlattenedTensorMetadata` for each
-tensor in it. Each tensor of the stream is copied into a buffer as soon as it arrives and then
-dropped, so a sending rank holds its own shards, one gathered parameter and its buffers. The
-sender uses two buffers of half the configured bucket size in turn: one is being sent while
-the other is packed, and together they never exceed the configured size. Tensors the sender
-passes by reference (views of the trainer's parameters, colocated on CPU) skip the copy and
-ride along as views. This module owns the byte layout only; it never sends anything.
+tensor in it. A group's tensors are written straight into a buffer as the group arrives (at
+TP > 1 the gathered shards are assembled in place, no full tensor is built first), so a
+sending rank holds its own shards, one parameter's gathered shards and its buffers. The sender
+uses two buffers of half the configured bucket size in turn: one is being sent while the other
+is packed, and together they never exceed the configured size. Tensors the sender passes by
+reference (views of the trainer's parameters, colocated on CPU) skip the copy and ride along as
+views. This module owns the byte layout only; it never sends anything.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import itertools
-from typing import Callable, Iterable, Iterator, Sequence
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -84,16 +87,61 @@ class BucketBuffer:
         return flat
 
 
-def iter_buckets(stream: Iterable[tuple[str, torch.Tensor]], buffers: Sequence[BucketBuffer],
+class TensorGroup(Protocol):
+    """Tensors that are made together (the HF tensors of one Megatron parameter): their names,
+    shapes and dtype up front, then written straight into the bucket, or passed by reference
+    when they exist already as views (`views()`, None if not)."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: torch.dtype
+
+    def views(self) -> list[torch.Tensor] | None: ...
+
+    def write_into(self, outs: list[torch.Tensor]) -> None: ...
+
+
+@dataclass
+class NamedTensor:
+    """A TensorGroup of one tensor that exists already."""
+
+    name: str
+    tensor: torch.Tensor
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name,)
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        return (tuple(self.tensor.shape),)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tensor.dtype
+
+    def views(self) -> list[torch.Tensor]:
+        return [self.tensor]
+
+    def write_into(self, outs: list[torch.Tensor]) -> None:
+        outs[0].copy_(self.tensor.detach())
+
+
+def named_groups(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> Iterator[NamedTensor]:
+    return (NamedTensor(name, tensor) for name, tensor in named_tensors)
+
+
+def iter_buckets(stream: Iterable[TensorGroup], buffers: Sequence[BucketBuffer],
                  by_reference: Callable[[torch.Tensor], bool] | None = None) -> Iterator[Bucket]:
-    """Copy tensors in order into the buffers, yield a Bucket whenever the next one does not fit.
+    """Write groups in order into the buffers, yield a Bucket whenever the next one does not fit.
 
     Buckets fill the buffers in turn. With two buffers the consumer may still be sending the
     previous bucket while the next one is packed; it must be done with a bucket before the
-    bucket after next is asked for. A tensor larger than a buffer goes alone into a buffer of
-    its own size (the buffer's spare), in that buffer's turn. Tensors for which `by_reference`
-    is true are not copied: they join the bucket's `views` and count towards its size as if
-    they were in the buffer, so buckets keep their size and order.
+    bucket after next is asked for. A group's tensors share a bucket; a group larger than a
+    buffer goes alone into a buffer of its own size (the buffer's spare), in that buffer's turn.
+    Groups whose views all pass `by_reference` are not copied: they join the bucket's `views`
+    and count towards its size as if they were in the buffer, so buckets keep their size and
+    order.
     """
     metadata_cls = _metadata_class()
     turn = itertools.cycle(buffers)
@@ -101,33 +149,50 @@ def iter_buckets(stream: Iterable[tuple[str, torch.Tensor]], buffers: Sequence[B
     metadata: list = []
     views: list[tuple[str, torch.Tensor]] = []
     offset = viewed = 0
-    for name, tensor in stream:
-        size = nbytes(tensor)
+    for group in stream:
+        sizes = [math.prod(shape) * group.dtype.itemsize for shape in group.shapes]
+        shared = group.views() if by_reference is not None else None
+        if shared is not None and not all(by_reference(t) for t in shared):
+            shared = None
         start = aligned(offset)
-        if (metadata or views) and start + viewed + size > buffer.capacity:
+        need = sum(sizes) if shared is not None else _span(sizes)
+        if (metadata or views) and start + viewed + need > buffer.capacity:
             yield Bucket(buffer.buffer[:offset], metadata, views)
             buffer = next(turn)
             metadata, views, offset, viewed, start = [], [], 0, 0, 0
-        if by_reference is not None and by_reference(tensor):
-            views.append((name, tensor.detach()))
-            viewed += size
+        if shared is not None:
+            views += [(name, t.detach()) for name, t in zip(group.names, shared)]
+            viewed += need
             continue
-        if size > buffer.capacity:  # an embedding larger than the bucket: send it alone
-            own = buffer.spare(size)
-            _copy_in(own, 0, tensor)
-            yield Bucket(own, [metadata_cls(name=name, shape=tensor.shape, dtype=tensor.dtype,
-                                            start_idx=0, end_idx=size, numel=size)])
+        if need > buffer.capacity:  # an embedding larger than the bucket: send it alone
+            own = buffer.spare(need)
+            yield Bucket(own, _write(own, 0, group, sizes, metadata_cls))
             buffer = next(turn)  # it took this buffer's turn
             continue
-        _copy_in(buffer.buffer, start, tensor)
-        metadata.append(metadata_cls(name=name, shape=tensor.shape, dtype=tensor.dtype,
-                                     start_idx=start, end_idx=start + size, numel=size))
-        offset = start + size
+        written = _write(buffer.buffer, start, group, sizes, metadata_cls)
+        metadata += written
+        offset = written[-1].end_idx
     if metadata or views:
         yield Bucket(buffer.buffer[:offset], metadata, views)
 
 
-def _copy_in(flat: torch.Tensor, start: int, tensor: torch.Tensor) -> None:
-    size = nbytes(tensor)
-    target = flat[start:start + size].view(tensor.dtype).view(tensor.shape)
-    target.copy_(tensor.detach())
+def _span(sizes: list[int]) -> int:
+    """Bytes the tensors take in a bucket from an aligned start, each of them aligned."""
+    end = 0
+    for size in sizes:
+        end = aligned(end) + size
+    return end
+
+
+def _write(flat: torch.Tensor, start: int, group: TensorGroup, sizes: list[int],
+           metadata_cls: type) -> list:
+    """Write the group at `start` of `flat`; its metadata entries."""
+    metadata, outs, at = [], [], start
+    for name, shape, size in zip(group.names, group.shapes, sizes):
+        at = aligned(at)
+        metadata.append(metadata_cls(name=name, shape=torch.Size(shape), dtype=group.dtype,
+                                     start_idx=at, end_idx=at + size, numel=size))
+        outs.append(flat[at:at + size].view(group.dtype).view(shape))
+        at += size
+    group.write_into(outs)
+    return metadata

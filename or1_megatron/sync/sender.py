@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import torch
 from megatron.core import parallel_state
 
-from or1_megatron.policy.export import iter_stage_hf_tensors
+from or1_megatron.policy.export import iter_stage_parameters
 from or1_megatron.policy.parallel import RankLayout
 from or1_megatron.rollout.serialization import use_file_system_sharing
 from or1_megatron.rollout.shm import remove_stale_shm_files
-from or1_megatron.sync.buckets import ALIGN, BucketBuffer, iter_buckets
+from or1_megatron.sync.buckets import ALIGN, BucketBuffer, TensorGroup, iter_buckets
 from or1_megatron.sync.plan import PushPlan, PushReport
 from or1_megatron.sync.transports import transport_class
 
@@ -59,7 +59,7 @@ class WeightSender:
         report = PushReport(rank=layout.rank, pp_stage=layout.pp_rank, sent=sends(layout))
         if layout.dp_rank != 0:
             return report
-        stream = iter_stage_hf_tensors(worker.unwrapped, worker.mapping, layout)
+        stream = iter_stage_parameters(worker.unwrapped, worker.mapping, layout)
         if not report.sent:
             for _ in stream:  # send this rank's shards to the TP-rank-0 peer, which sends
                 pass
@@ -81,7 +81,7 @@ class WeightSender:
         report.seconds = time.perf_counter() - start
         return report
 
-    async def _send(self, stream: Iterable[tuple[str, torch.Tensor]], plan: PushPlan,
+    async def _send(self, stream: Iterable[TensorGroup], plan: PushPlan,
                     pp_stage: int, report: PushReport,
                     by_reference: Callable[[torch.Tensor], bool] | None) -> None:
         transport = transport_class(plan.transport)(plan, pp_stage)
