@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -113,28 +114,45 @@ def driver(group):
     return push, score
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_engines_equal_trainer_after_one_step(hf_dir, engines, tmp_path, layout, transport):
+# Every layout over every transport, TP shards mapped from the peers' shared memory (the CPU
+# default); and once with the shards sent point to point (what GPUs and multi-node groups do).
+CASES = [pytest.param(layout, transport, True, id=f"{layout}-{transport}")
+         for layout in LAYOUTS for transport in TRANSPORTS]
+CASES.append(pytest.param("tp2_pp2", "colocated", False, id="tp2_pp2-colocated-point_to_point"))
+
+
+@pytest.mark.parametrize("layout,transport,share_parameters", CASES)
+def test_engines_equal_trainer_after_one_step(hf_dir, engines, tmp_path, layout, transport,
+                                              share_parameters):
     tp, pp = LAYOUTS[layout]
-    seed = 100 + 10 * list(LAYOUTS).index(layout) + TRANSPORTS.index(transport)
+    seed = 100 + 10 * list(LAYOUTS).index(layout) + TRANSPORTS.index(transport) + share_parameters
     with RankGroup(tp * pp, setup_rank, hf_dir, tp, pp, timeout_s=120) as group:
         push, score = driver(group)
+        pushed = []
+
+        def push_and_keep(plan):
+            reports = push(plan)
+            pushed.extend(reports)
+            return reports
+
         group.call(train_rank, seed)  # a different step in each case: engines start stale
-        coordinator = WeightSyncCoordinator(engines, sync_config(transport, tmp_path),
-                                            vocab_size=VOCAB, hf_config_dir=str(hf_dir))
+        config = replace(sync_config(transport, tmp_path), share_parameters=share_parameters)
+        coordinator = WeightSyncCoordinator(engines, config, vocab_size=VOCAB,
+                                            hf_config_dir=str(hf_dir))
 
         async def scenario():
             try:
                 with pytest.raises(SyncVerificationError, match=r"engine 0 \(http"):
                     await coordinator.verify(score)
-                report = await coordinator.sync(push, score)
+                report = await coordinator.sync(push_and_keep, score)
                 versions = [await c.weight_version() for c in coordinator.clients]
                 return report, versions
             finally:
                 await coordinator.close()
 
         report, versions = run(scenario())
+    how = {"shared_memory" if share_parameters else "point_to_point"} if tp > 1 else {""}
+    assert {r.tp_shards for r in pushed if r.sent} == how
     assert report.version == "1" and versions == ["1", "1"] and coordinator.version == 1
     assert report.bytes_per_engine == hf_bytes(hf_dir)  # every tensor once, no vocab padding
     assert report.buckets > pp  # bucketed, per stage

@@ -66,19 +66,24 @@ class StageParameter:
 
 @torch.no_grad()
 def iter_stage_parameters(
-    model: torch.nn.Module, mapping: Qwen2Mapping, layout: RankLayout
+    model: torch.nn.Module, mapping: Qwen2Mapping, layout: RankLayout,
+    peer_shards: dict[str, list[torch.Tensor]] | None = None,
 ) -> Iterator[StageParameter]:
     """Yield every parameter this stage owns with its TP shards gathered, on the stage's TP rank 0.
 
     All TP ranks of the stage must iterate together: the others yield nothing, they send their
-    shards to TP rank 0 as it asks for each parameter.
+    shards to TP rank 0 as it asks for each parameter. Unless TP rank 0 has the other ranks'
+    shards already (`peer_shards`, by name: mapped from their shared memory), then it iterates
+    alone.
     """
     params = stage_parameters(model, mapping, layout)
     entries = mapping.stage_entries(layout.pp_rank, layout.pp_size)
     check_names(params, [m.mcore_name for m in entries],
                 where=f"policy stage {layout.pp_rank} vs. the Qwen2 mapping", what="parameter")
     for m in entries:
-        shards = _gather_tp(params[m.mcore_name].detach(), layout)
+        own = params[m.mcore_name].detach()
+        shards = (_gather_tp(own, layout) if peer_shards is None
+                  else [own, *peer_shards[m.mcore_name]])
         if shards is not None:
             yield StageParameter(mapping, m, shards)
 

@@ -60,3 +60,5 @@ class PushReport:
     tensors: int = 0
     seconds: float = 0.0
     failed: dict[str, str] = field(default_factory=dict)  # engine url -> why it got nothing
+    # TP > 1: how TP rank 0 got its peers' shards ("shared_memory" or "point_to_point").
+    tp_shards: str = ""

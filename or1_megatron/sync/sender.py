@@ -1,13 +1,13 @@
 """The trainer-rank side of a push: which ranks take part, which one sends, and the send loop.
 
-All TP ranks of a stage's first data-parallel replica iterate the export stream together (the
-others send their shards of each parameter to TP rank 0); only TP rank 0 packs the gathered
-tensors into buckets and hands them to the transport, so each pipeline stage sends its own layers once. The
-other data-parallel replicas hold the same weights and do nothing. The senders of all stages
-form one of megatron's pipeline groups (TP rank 0, DP rank 0), which orders them when the
-transport needs it. The colocated transport on CPU takes views of the parameters by reference
-instead of copies (`share_parameters`). This module never talks to the coordinator: it gets a
-PushPlan and returns a PushReport.
+All TP ranks of a stage's first data-parallel replica take part: TP rank 0 gets the other TP
+ranks' shards of each parameter (sent point to point, or mapped from their shared memory on
+CPU: shared_params.py), packs the full tensors into buckets and hands them to the transport, so
+each pipeline stage sends its own layers once. The other data-parallel replicas hold the same
+weights and do nothing. The senders of all stages form one of megatron's pipeline groups (TP
+rank 0, DP rank 0), which orders them when the transport needs it. A colocated engine on CPU
+reads views of the parameters instead of copies at TP1. This module never talks to the
+coordinator: it gets a PushPlan and returns a PushReport.
 """
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ from megatron.core import parallel_state
 
 from or1_megatron.policy.export import iter_stage_parameters
 from or1_megatron.policy.parallel import RankLayout
-from or1_megatron.rollout.serialization import use_file_system_sharing
 from or1_megatron.rollout.shm import remove_stale_shm_files
 from or1_megatron.sync.buckets import ALIGN, BucketBuffer, TensorGroup, iter_buckets
 from or1_megatron.sync.plan import PushPlan, PushReport
+from or1_megatron.sync.shared_params import PeerShards, share_parameters
 from or1_megatron.sync.transports import transport_class
 
 if TYPE_CHECKING:
@@ -41,6 +41,8 @@ class WeightSender:
 
     def __init__(self) -> None:
         self._buffers: list[BucketBuffer] = []
+        self._peer_shards = PeerShards()
+        self._peers_usable: bool | None = None
 
     def buffers(self, bucket_bytes: int) -> list[BucketBuffer]:
         """Two buffers of half the bucket size: one in flight while the other is packed."""
@@ -59,11 +61,34 @@ class WeightSender:
         report = PushReport(rank=layout.rank, pp_stage=layout.pp_rank, sent=sends(layout))
         if layout.dp_rank != 0:
             return report
-        stream = iter_stage_parameters(worker.unwrapped, worker.mapping, layout)
-        if not report.sent:
-            for _ in stream:  # send this rank's shards to the TP-rank-0 peer, which sends
-                pass
-            return report
+        through_shm = self._peers_in_shared_memory(worker, plan)
+        if layout.tp_size > 1:
+            report.tp_shards = "shared_memory" if through_shm else "point_to_point"
+        peers = self._peer_shards.exchange(worker.unwrapped, worker.mapping, layout) \
+            if through_shm else None
+        try:
+            if report.sent:
+                stream = iter_stage_parameters(worker.unwrapped, worker.mapping, layout, peers)
+                self._send_stage(worker, plan, stream, report)
+            elif not through_shm:  # send this rank's shards to the TP-rank-0 peer, which sends
+                for _ in iter_stage_parameters(worker.unwrapped, worker.mapping, layout):
+                    pass
+        finally:
+            if through_shm:  # TP rank 0 is done with the peers' shards, even after an error
+                PeerShards.done()
+        return report
+
+    def _peers_in_shared_memory(self, worker: "PolicyWorker", plan: PushPlan) -> bool:
+        """Whether TP rank 0 maps its peers' shards (collective the first time)."""
+        if not plan.share_parameters or worker.layout.tp_size == 1:
+            return False
+        if self._peers_usable is None:
+            self._peers_usable = PeerShards.usable(worker.unwrapped, worker.layout)
+        return self._peers_usable
+
+    def _send_stage(self, worker: "PolicyWorker", plan: PushPlan,
+                    stream: Iterable[TensorGroup], report: PushReport) -> None:
+        layout = worker.layout
         start = time.perf_counter()
         # Senders whose transport cannot interleave stages go one stage after the other: the
         # k-th barrier of the senders' pipeline group opens once stages 0..k have sent.
@@ -79,7 +104,6 @@ class WeightSender:
             for _ in range(layout.pp_size - layout.pp_rank if in_turn else 0):
                 torch.distributed.barrier(group=parallel_state.get_pipeline_model_parallel_group())
         report.seconds = time.perf_counter() - start
-        return report
 
     async def _send(self, stream: Iterable[TensorGroup], plan: PushPlan,
                     pp_stage: int, report: PushReport,
@@ -109,22 +133,3 @@ class WeightSender:
                 await asyncio.gather(in_flight, return_exceptions=True)
             await asyncio.wait_for(transport.close(), plan.timeout_s)
         report.failed = dict(transport.failed)
-
-
-def share_parameters(model: torch.nn.Module) -> Callable[[torch.Tensor], bool] | None:
-    """Move the CPU parameters' storages into shared memory (in place, once: the trainer keeps
-    using them there) and return the test for "a view of a parameter", or None on GPUs.
-
-    At TP1 most tensors of the export stream are views of parameters; a colocated engine can
-    read those where they are, which saves copying the model into the bucket (on CPU that copy
-    is half of a sync). Moved here, up front, because pickling would move a storage in place
-    while the packing thread may be reading it. Tensors built by the export (TP gathers, split
-    qkv) are still copied into the bucket: their storages are new on every sync."""
-    params = [p for p in model.parameters() if p.device.type == "cpu" and p.numel() > 0]
-    if not params:
-        return None
-    use_file_system_sharing()
-    for param in params:
-        param.data.share_memory_()  # a no-op after the first sync
-    storages = {p.untyped_storage().data_ptr() for p in params}
-    return lambda t: t.device.type == "cpu" and t.untyped_storage().data_ptr() in storages
