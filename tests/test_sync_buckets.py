@@ -97,22 +97,24 @@ def test_two_buffers_take_turns():
                       buffers[0].buffer.data_ptr()]
 
 
-def test_tensors_passed_by_reference_are_not_copied_but_keep_size_and_order():
-    """The trainer's parameters at TP1: views in the bucket, counted in its size, never copied."""
+def test_tensors_passed_by_reference_are_not_copied_and_go_early():
+    """The trainer's parameters at TP1: views, never copied, in views-only buckets that take no
+    buffer and go once a quarter of a buffer's worth has gathered."""
     params = torch.arange(1000, dtype=torch.float32)  # one "parameter" storage
     built = torch.full((100,), -1.0)  # a tensor the export built (a split qkv)
     stream = [("a", params[:100]), ("b", built), ("c", params[100:300].view(10, 20)),
               ("d", params[300:400])]
     storage = params.untyped_storage().data_ptr()
-    buffer = BucketBuffer(1024)  # 400 + 400 bytes fit, the next 800 do not
+    buffer = BucketBuffer(4096)  # a quarter: 1024 bytes, reached by a + c (400 + 800)
     buckets = list(iter_buckets(named_groups(stream), [buffer],
                                 lambda t: t.untyped_storage().data_ptr() == storage))
     assert [([m.name for m in b.metadata], [n for n, _ in b.views]) for b in buckets] == [
-        (["b"], ["a"]), ([], ["c"]), ([], ["d"])]
-    assert [b.nbytes for b in buckets] == [800, 800, 400]
+        ([], ["a", "c"]), (["b"], ["d"])]
+    assert [b.nbytes for b in buckets] == [1200, 800]
+    assert buckets[0].flat.numel() == 0  # no buffer taken
     assert buckets[0].views[0][1].data_ptr() == params.data_ptr()  # the parameter itself
-    assert torch.equal(buckets[0].named_tensors()[0][1], built)
-    assert buckets[1].views[0][1].shape == (10, 20)
+    assert buckets[0].views[1][1].shape == (10, 20)
+    assert torch.equal(buckets[1].named_tensors()[0][1], built)
 
 
 def test_views_payload_is_read_in_place_and_leaves_no_shared_memory():

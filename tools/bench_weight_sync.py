@@ -3,12 +3,15 @@
 Builds a random Qwen2 of about --model-size bytes (fp32), a Megatron trainer at --tp x --pp
 (forked gloo ranks), --engines CPU engine processes, and times full syncs (pause .. continue)
 over --transport. The first sync is checked with the probe batch (engine log-probs == the
-trainer's) and not timed. Prints one line per timed sync, then
+trainer's); it and a second one are warm-ups, printed but not timed (a CPU engine keeps the
+sender's shared-memory files mapped from their second sighting on, as it would over a
+training run's hundreds of syncs). Prints one line per timed sync, then
 
     transport=<t> gbps=<x> memcpy_gbps=<y> ratio=<x/y>
 
-where x = bytes delivered to all engines / median sync seconds, and y = the best of several
-single-thread copies of a 256 MiB buffer (every rank and engine runs one torch thread).
+where x = bytes delivered to all engines / median sync seconds, and y = the median, over the
+timed syncs, of the best of three single-thread copies of a 256 MiB buffer made just before
+each sync (every rank and engine runs one torch thread).
 
     python tools/bench_weight_sync.py --model-size 400M --tp 1 --pp 1 --transport colocated
 """
@@ -57,17 +60,23 @@ def model_shape(size_bytes: int, pp: int) -> dict:
                 num_heads=HEADS, num_kv_heads=KV_HEADS, max_position_embeddings=256)
 
 
-def memcpy_gbps(size: int = 256 << 20, repeats: int = 5) -> float:
-    torch.set_num_threads(1)
-    src = torch.ones(size, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - start)
-    return size / best / 1e9
+class Memcpy:
+    """The machine's single-thread copy bandwidth, measured again next to every sync: this
+    machine's bandwidth drifts by +-20% from one minute to the next."""
+
+    def __init__(self, size: int = 256 << 20):
+        torch.set_num_threads(1)
+        self.src = torch.ones(size, dtype=torch.uint8)
+        self.dst = torch.empty_like(self.src)
+        self.dst.copy_(self.src)
+
+    def gbps(self, repeats: int = 3) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.dst.copy_(self.src)
+            best = min(best, time.perf_counter() - start)
+        return self.src.numel() / best / 1e9
 
 
 # -- trainer ranks (forked) -------------------------------------------------------------------
@@ -93,7 +102,8 @@ def score_rank(state, sequences):
 
 # -- driver -----------------------------------------------------------------------------------
 
-async def bench(args, hf_dir: str, engines: list[CpuEngineProcess], group: RankGroup) -> list:
+async def bench(args, hf_dir: str, engines: list[CpuEngineProcess], group: RankGroup,
+                memcpy: Memcpy) -> tuple[list, list[float]]:
     config = SyncConfig(transport=args.transport, bucket_mb=args.bucket_mb, verify=True,
                         verify_tolerance=args.verify_tolerance, timeout_s=args.timeout_s,
                         disk_dir=str(Path(args.work_dir) / "weights"))
@@ -108,16 +118,20 @@ async def bench(args, hf_dir: str, engines: list[CpuEngineProcess], group: RankG
     try:
         first = await coordinator.sync(push, score)
         print(f"checked sync: version {first.version}, max |logprob diff| per engine "
-              f"{first.verify_max_diff}", flush=True)
-        reports = []
+              f"{first.verify_max_diff}, {first.seconds:.3f} s", flush=True)
+        warm_up = await coordinator.sync(push, score=None)
+        print(f"warm-up sync: version {warm_up.version}, {warm_up.seconds:.3f} s", flush=True)
+        reports, copies = [], []
         for _ in range(args.repeats):
+            copies.append(memcpy.gbps())
             report = await coordinator.sync(push, score=None)
             reports.append(report)
             moved = report.bytes_per_engine * report.engines
             print(f"sync {report.version}: {moved / 1e6:.1f} MB to {report.engines} engine(s) in "
                   f"{report.buckets} buckets, {report.seconds:.3f} s (push {report.push_seconds:.3f} s) "
-                  f"= {moved / report.seconds / 1e9:.2f} GB/s", flush=True)
-        return reports
+                  f"= {moved / report.seconds / 1e9:.2f} GB/s; memcpy just before: "
+                  f"{copies[-1]:.2f} GB/s", flush=True)
+        return reports, copies
     finally:
         await coordinator.close()
 
@@ -144,8 +158,7 @@ def main(argv: list[str]) -> int:
         print(f"model: {shape['num_layers']} layers, hidden {HIDDEN}, vocab {VOCAB}, "
               f"{sum(f.stat().st_size for f in Path(hf_dir).glob('*.safetensors')) / 1e6:.0f} MB "
               f"(built in {time.perf_counter() - start:.0f} s)", flush=True)
-        memcpy = memcpy_gbps()
-        print(f"memcpy (1 thread, 256 MiB): {memcpy:.2f} GB/s", flush=True)
+        memcpy = Memcpy()
         engines = [CpuEngineProcess(hf_dir, num_threads=1, log_dir=Path(args.work_dir) / "logs",
                                     start_timeout_s=args.timeout_s) for _ in range(args.engines)]
         group = None
@@ -157,7 +170,7 @@ def main(argv: list[str]) -> int:
                               timeout_s=args.timeout_s)
             for engine in engines:
                 engine.wait_ready()
-            reports = asyncio.run(bench(args, hf_dir, engines, group))
+            reports, copies = asyncio.run(bench(args, hf_dir, engines, group, memcpy))
         finally:
             if group is not None:
                 group.close()
@@ -165,9 +178,9 @@ def main(argv: list[str]) -> int:
                 engine.kill()
     seconds = statistics.median(r.seconds for r in reports)
     moved = reports[0].bytes_per_engine * reports[0].engines
-    gbps = moved / seconds / 1e9
-    print(f"transport={args.transport} gbps={gbps:.3f} memcpy_gbps={memcpy:.3f} "
-          f"ratio={gbps / memcpy:.3f}")
+    gbps, copy_gbps = moved / seconds / 1e9, statistics.median(copies)
+    print(f"transport={args.transport} gbps={gbps:.3f} memcpy_gbps={copy_gbps:.3f} "
+          f"ratio={gbps / copy_gbps:.3f}")
     return 0
 
 

@@ -105,9 +105,11 @@ class SyncConfig:
     disk_dir: str = ""
     # distributed transport: the address engines use to reach the sending trainer ranks.
     master_address: str = "127.0.0.1"
-    # colocated transport on CPU: move the trainer's parameters into /dev/shm once so engines
-    # read them in place instead of a bucket copy (about 2x faster); needs /dev/shm room for
-    # the model (a container's default 64 MB is not). False copies everything into buckets.
+    # On CPU: move the trainer's parameters into /dev/shm once, so colocated engines read them
+    # in place at TP1 (no bucket copy) and a stage's TP rank 0 reads its TP peers' shards there
+    # instead of receiving them over gloo (each about 2x faster); needs /dev/shm room for the
+    # model (a container's default 64 MB is not). False copies everything into buckets and
+    # sends TP shards point to point.
     share_parameters: bool = True
 
 

@@ -139,9 +139,9 @@ def iter_buckets(stream: Iterable[TensorGroup], buffers: Sequence[BucketBuffer],
     previous bucket while the next one is packed; it must be done with a bucket before the
     bucket after next is asked for. A group's tensors share a bucket; a group larger than a
     buffer goes alone into a buffer of its own size (the buffer's spare), in that buffer's turn.
-    Groups whose views all pass `by_reference` are not copied: they join the bucket's `views`
-    and count towards its size as if they were in the buffer, so buckets keep their size and
-    order.
+    Groups whose views all pass `by_reference` are not copied: they gather in views-only
+    buckets, which take no buffer and go as soon as a quarter of a buffer's worth has gathered,
+    so the engine copies them while the packer still fills the buffer.
     """
     metadata_cls = _metadata_class()
     turn = itertools.cycle(buffers)
@@ -152,18 +152,18 @@ def iter_buckets(stream: Iterable[TensorGroup], buffers: Sequence[BucketBuffer],
     for group in stream:
         sizes = [math.prod(shape) * group.dtype.itemsize for shape in group.shapes]
         shared = group.views() if by_reference is not None else None
-        if shared is not None and not all(by_reference(t) for t in shared):
-            shared = None
-        start = aligned(offset)
-        need = sum(sizes) if shared is not None else _span(sizes)
-        if (metadata or views) and start + viewed + need > buffer.capacity:
-            yield Bucket(buffer.buffer[:offset], metadata, views)
-            buffer = next(turn)
-            metadata, views, offset, viewed, start = [], [], 0, 0, 0
-        if shared is not None:
+        if shared is not None and all(by_reference(t) for t in shared):
             views += [(name, t.detach()) for name, t in zip(group.names, shared)]
-            viewed += need
+            viewed += sum(sizes)
+            if viewed >= buffer.capacity // 4:
+                yield Bucket(buffer.buffer[:0], [], views)
+                views, viewed = [], 0
             continue
+        start, need = aligned(offset), _span(sizes)
+        if metadata and start + need > buffer.capacity:
+            yield Bucket(buffer.buffer[:offset], metadata)
+            buffer = next(turn)
+            metadata, offset, start = [], 0, 0
         if need > buffer.capacity:  # an embedding larger than the bucket: send it alone
             own = buffer.spare(need)
             yield Bucket(own, _write(own, 0, group, sizes, metadata_cls))

@@ -40,7 +40,7 @@ class PushPlan:
     disk_dir: str = ""
     master_address: str = "127.0.0.1"
     group_prefix: str = "or1_sync"
-    # colocated on CPU: engines read views of the trainer's parameters in shared memory.
+    # CPU: the trainer's parameters live in shared memory (engines and TP rank 0 read them there).
     share_parameters: bool = True
 
     def only(self, indices: set[int]) -> "PushPlan":
