@@ -247,8 +247,9 @@ class Trainer:
         a = self.config.algo
         sums: dict[str, float] = {}
         parts = mini_batches(batch, stage.sgd_steps)
+        shared = self.ranks.share(batch)  # one copy to the ranks' hosts for all N_SGD steps
         for indices in parts:
-            out = self.ranks.call(ranks.train_policy, batch, indices, alpha, a.clip_low,
+            out = self.ranks.call(ranks.train_policy, shared, indices, alpha, a.clip_low,
                                   a.clip_high, a.dual_clip)[0]
             for name, value in out.items():
                 sums[name] = sums.get(name, 0.0) + value

@@ -92,6 +92,10 @@ class RayRankGroup:
             ray.kill(actor)
         self.actors = []
 
+    def share(self, value: Any) -> Any:
+        """`value` in Ray's object store once, for several calls: pass what this returns."""
+        return ray.put(value)
+
     def __enter__(self) -> "RayRankGroup":
         return self
 
@@ -100,5 +104,6 @@ class RayRankGroup:
 
 
 def _large(value: Any) -> bool:
-    # Object refs passed as top-level arguments are resolved by Ray on each actor.
-    return not isinstance(value, (int, float, str, bool, type(None)))
+    # Object refs passed as top-level arguments are resolved by Ray on each actor (one put
+    # inside another would not be).
+    return not isinstance(value, (int, float, str, bool, type(None), ray.ObjectRef))

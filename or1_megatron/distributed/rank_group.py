@@ -69,6 +69,10 @@ class RankGroup:
         except BaseException as exc:  # reported by the next call
             self._error = exc
 
+    def share(self, value: Any) -> Any:
+        """RayRankGroup.share's interface; forked ranks get every argument pickled per call."""
+        return value
+
     def call(self, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None) -> list[Any]:
         """Run `fn(state, *args)` on every rank; the results in rank order."""
         self._calls += 1
