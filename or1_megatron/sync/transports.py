@@ -13,7 +13,7 @@ push and `commit(client, plan)` after it.
   views of the trainer's parameters (TP1 on CPU) go as a named-tensor payload, uncopied;
 - distributed: `init_weights_update_group` with every engine (the sender is group rank 0, one
   group per pipeline stage, stages in turn), one `update_weights_from_distributed` call per
-  bucket, one broadcast per tensor; gloo on CPU;
+  bucket, one broadcast per tensor; gloo on CPU, NCCL between GPUs;
 - disk: one safetensors file per bucket, written straight from the bucket's bytes; the engines
   load the version directory with `update_weights_from_disk` at commit.
 """
@@ -135,9 +135,8 @@ class DistributedTransport(Transport):
         self.members: list[str] = []
 
     async def open(self) -> None:
-        if torch.cuda.is_available():
-            raise WeightSyncError("the distributed transport builds gloo groups only; an NCCL "
-                                  "weight-update group for GPU engines is not implemented yet")
+        # The buckets live where the trainer's parameters do (sender.py): NCCL between GPUs.
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
         # A dead member would stall the rendezvous until the timeout: leave out the engines
         # that do not answer /health now.
         healthy = await asyncio.gather(*(self.clients[u].health() for u in self.live))
@@ -147,14 +146,17 @@ class DistributedTransport(Transport):
         port, self.members = free_port(), self.live
         if not self.members:
             return
-        world = len(self.members) + 1
+        # Each engine TP rank joins at rank_offset + tp_rank (SGLang), after the sender at 0.
+        offsets, world = {}, 1
+        for url in self.members:
+            offsets[url], world = world, world + self.targets[url].tp_size
         joins = [asyncio.create_task(self.clients[url].init_weights_update_group(
-            self.plan.master_address, port, rank, world, group_name=self.group_name,
-            backend="gloo")) for rank, url in enumerate(self.members, start=1)]
+            self.plan.master_address, port, offsets[url], world, group_name=self.group_name,
+            backend=backend)) for url in self.members]
         try:
             self.group = await asyncio.to_thread(
                 WeightUpdateGroup, self.plan.master_address, port, rank=0, world_size=world,
-                group_name=self.group_name, timeout_s=self.plan.timeout_s)
+                group_name=self.group_name, timeout_s=self.plan.timeout_s, backend=backend)
         except Exception as exc:  # an engine never joined: nobody in this group gets weights
             for url in self.members:
                 self.failed.setdefault(url, f"joining weight-update group {self.group_name}: {exc}")
@@ -163,7 +165,7 @@ class DistributedTransport(Transport):
             if isinstance(result, BaseException):
                 self.failed.setdefault(url, f"init_weights_update_group: {result}")
         if self.group is not None and any(url in self.failed for url in self.members):
-            # A gloo broadcast needs every member: a group with a dead member is unusable.
+            # A broadcast needs every member: a group with a dead member is unusable.
             for url in self.members:
                 self.failed.setdefault(url, f"group {self.group_name} lost a member")
 
