@@ -11,7 +11,9 @@ import torch
 
 from or1_megatron.rollout import protocol
 from or1_megatron.rollout.serialization import (
+    DecodedPayload,
     FlattenedTensorMetadata,
+    KeptMappings,
     PayloadError,
     SharedPayload,
     decode_named_tensors,
@@ -165,3 +167,18 @@ def test_unaligned_bucket_from_another_sender_decodes():
             FlattenedTensorMetadata("l", torch.Size([2]), torch.int64, 3, 19, 16)]
     decoded = dict(unflatten_bucket({"flattened_tensor": flat, "metadata": meta}))
     assert decoded["l"].tolist() == [7, 8] and decoded["u"].tolist() == [0, 1, 2]
+
+
+def test_kept_mappings_keep_what_two_sessions_in_a_row_used_and_count_what_they_let_go():
+    """Only the identity of the files matters here (their storages stand in as objects)."""
+    kept = KeptMappings()
+
+    def session(*handles: bytes) -> int:
+        for handle in handles:
+            kept.used(DecodedPayload(named=[], taken=[(handle, object())]))
+        return kept.end_session()
+
+    assert session(b"/reused", b"/once") == 0 and kept.kept == 0  # seen once: nothing kept
+    assert session(b"/reused", b"/fresh") == 0 and kept.kept == 1  # seen twice: kept
+    assert session(b"/reused") == 0 and kept.kept == 1
+    assert session(b"/other") == 1 and kept.kept == 0  # a session without it lets it go

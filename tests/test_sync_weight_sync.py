@@ -161,6 +161,49 @@ def test_engines_equal_trainer_after_one_step(hf_dir, engines, tmp_path, layout,
     assert report.restarted == []
 
 
+def fill_shared_memory_of_tp_peers(state):
+    """/dev/shm is full for TP rank 1 from now on: moving its parameters there fails."""
+    from or1_megatron.sync import shared_params
+
+    def full(model):
+        raise OSError(28, "No space left on device")
+
+    if state["worker"].layout.tp_rank != 0:
+        shared_params.share_parameters = full
+
+
+def test_a_failed_shared_memory_hand_over_falls_back_to_point_to_point(hf_dir, engines, tmp_path):
+    """Every rank learns of a peer's failure together (no rank left waiting in a collective)
+    and that push, and the ones after it, send the shards point to point."""
+    with RankGroup(2, setup_rank, hf_dir, 2, 1, timeout_s=120) as group:
+        push, score = driver(group)
+        coordinator = WeightSyncCoordinator(engines, sync_config("colocated", tmp_path),
+                                            vocab_size=VOCAB, hf_config_dir=str(hf_dir))
+        pushed = []
+
+        def push_and_keep(plan):
+            reports = push(plan)
+            pushed.append({r.tp_shards for r in reports if r.sent})
+            return reports
+
+        async def scenario():
+            try:
+                group.call(train_rank, 301)
+                first = await coordinator.sync(push_and_keep, score)
+                group.call(fill_shared_memory_of_tp_peers)
+                group.call(train_rank, 302)
+                second = await coordinator.sync(push_and_keep, score)
+                third = await coordinator.sync(push_and_keep, score)
+                return first, second, third
+            finally:
+                await coordinator.close()
+
+        reports = run(scenario())
+    assert pushed == [{"shared_memory"}, {"point_to_point"}, {"point_to_point"}]
+    for report in reports:
+        assert max(report.verify_max_diff.values()) <= 1e-4, report.verify_max_diff
+
+
 # Killed before the push: the sender finds the engine unreachable (colocated) or unhealthy
 # (distributed); killed after it: the engine had the weights but died before the session ended
 # (disk re-feeds it from this version's files).

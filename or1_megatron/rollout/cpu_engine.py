@@ -41,6 +41,7 @@ from or1_megatron.errors import OR1Error
 from or1_megatron.rollout import protocol
 from or1_megatron.rollout.protocol import SampleRequest
 from or1_megatron.rollout.serialization import KeptMappings, PayloadError, decode_payload
+from or1_megatron.rollout.shm import remove_stale_shm_files
 from or1_megatron.rollout.weight_group import WeightUpdateGroup
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,8 @@ class CpuEngine:
         if not self._session_open:
             raise EngineCommandError("no weight update session is open; call begin_weight_update first")
         self._session_open = False
-        self._mappings.end_session()
+        if self._mappings.end_session():  # perhaps the files of a trainer that was killed
+            remove_stale_shm_files()
         return "Weight update session closed."
 
     def update_weights_from_tensor(self, req: protocol.UpdateWeightsFromTensorReqInput) -> str:

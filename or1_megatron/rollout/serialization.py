@@ -143,6 +143,24 @@ def serialize(obj: Any) -> str:
     return base64.b64encode(bytes(ForkingPickler.dumps(obj))).decode("ascii")
 
 
+def pickled_storages(tensors: Iterable[torch.Tensor]) -> list[Any]:
+    """The shared storages a pickle of `tensors` adds one reference to each: one per distinct
+    CPU storage (a pickle shares a storage once, however many tensors view it), empty ones
+    too (the file_system strategy counts those as well)."""
+    storages = {}
+    for tensor in tensors:
+        if not tensor.is_cuda:
+            storage = tensor.untyped_storage()
+            storages.setdefault(storage._cdata, storage)
+    return list(storages.values())
+
+
+def drop_pickled_references(storages: list[Any]) -> None:
+    """Drop the references one pickle added, for a pickle that no receiver will load."""
+    for storage in storages:
+        storage._shared_decref()
+
+
 class SharedPayload:
     """One engine's `serialized_named_tensors` entry and the shared memory behind it.
 
@@ -193,21 +211,13 @@ class SharedPayload:
         self.load_format = load_format
         # One pickle per engine TP rank: each rank's decode drops the reference its pickle added.
         self.texts = [serialize(obj) for _ in range(copies)]
-        # One reference per distinct storage (a pickle shares a storage once, however many
-        # tensors view it), empty ones too: the file_system strategy counts those as well.
-        storages = {}
-        for tensor in tensors:
-            if not tensor.is_cuda:
-                storage = tensor.untyped_storage()
-                storages.setdefault(storage._cdata, storage)
-        self._storages = list(storages.values())
+        self._storages = pickled_storages(tensors)
 
     def release(self, delivered: bool) -> None:
         """Drop the payload; `delivered=False` if no engine ever decoded it."""
         if not delivered:
-            for storage in self._storages:
-                for _ in self.texts:
-                    storage._shared_decref()
+            for _ in self.texts:
+                drop_pickled_references(self._storages)
         self._storages = []
 
 
@@ -303,7 +313,9 @@ class KeptMappings:
     sessions stays mapped: torch's shared_cache then hands its storage back to the next decode
     without a new mapping. A kept file that a session does not use is let go at that session's
     end, so a buffer its sender freed outlives it by one session at most; payloads built fresh
-    for one call (a new file name each time) are never kept."""
+    for one call (a new file name each time) are never kept. A file of a sender that was killed
+    stays behind once let go (its sender's own reference is never dropped): whoever lets go
+    sweeps such files (shm.remove_stale_shm_files)."""
 
     def __init__(self) -> None:
         self._kept: dict[bytes, Any] = {}
@@ -317,9 +329,12 @@ class KeptMappings:
             if handle in self._last_session or handle in self._kept:
                 self._kept[handle] = storage
 
-    def end_session(self) -> None:
+    def end_session(self) -> int:
+        """Let go of the kept files this session did not use; how many."""
+        unused = len(self._kept.keys() - self._session)
         self._kept = {h: s for h, s in self._kept.items() if h in self._session}
         self._last_session, self._session = self._session, set()
+        return unused
 
     @property
     def kept(self) -> int:

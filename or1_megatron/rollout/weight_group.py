@@ -72,5 +72,7 @@ class WeightUpdateGroup:
         return tensor
 
     def close(self) -> None:
+        if self.device.type == "cuda" and self._group is not None:
+            self._group.shutdown()  # an NCCL communicator is not freed by dropping it
         self._group = None
         self._store = None

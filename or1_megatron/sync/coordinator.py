@@ -281,5 +281,21 @@ class WeightSyncCoordinator:
                 for i, results in enumerate(per_engine)}
 
     async def close(self) -> None:
+        """Close the engine clients. After colocated syncs the engines first get an update
+        session without payloads: a CPU engine lets go of the trainer's shared-memory files it
+        kept mapped (KeptMappings), so they go when the trainer does, even if the engines are
+        killed later (SGLang keeps none: a no-op there)."""
+        if self.version > 0 and self.config.transport == "colocated":
+            everyone = set(range(len(self.engines)))
+            try:
+                await asyncio.wait_for(self._each(everyone, _empty_session, "an empty update session",
+                                                  set(), quiet=True), timeout=30)
+            except asyncio.TimeoutError:
+                log.warning("engines did not close an empty update session within 30 s")
         for client in self.clients:
             await client.close()
+
+
+async def _empty_session(client: HttpEngine) -> None:
+    await client.begin_weight_update()
+    await client.end_weight_update()

@@ -12,6 +12,7 @@ coordinator: it gets a PushPlan and returns a PushReport.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING, Callable, Iterable
 
@@ -23,11 +24,13 @@ from or1_megatron.policy.parallel import RankLayout
 from or1_megatron.rollout.shm import remove_stale_shm_files
 from or1_megatron.sync.buckets import ALIGN, BucketBuffer, TensorGroup, iter_buckets
 from or1_megatron.sync.plan import PushPlan, PushReport
-from or1_megatron.sync.shared_params import PeerShards, share_parameters
+from or1_megatron.sync.shared_params import PeerShards, PeerShardsUnavailable, share_parameters
 from or1_megatron.sync.transports import transport_class
 
 if TYPE_CHECKING:
     from or1_megatron.policy.worker import PolicyWorker
+
+log = logging.getLogger(__name__)
 
 
 def sends(layout: RankLayout) -> bool:
@@ -61,30 +64,45 @@ class WeightSender:
         report = PushReport(rank=layout.rank, pp_stage=layout.pp_rank, sent=sends(layout))
         if layout.dp_rank != 0:
             return report
-        through_shm = self._peers_in_shared_memory(worker, plan)
+        peers = self._peers_from_shared_memory(worker, plan)
+        through_shm = peers is not None
         if layout.tp_size > 1:
             report.tp_shards = "shared_memory" if through_shm else "point_to_point"
-        peers = self._peer_shards.exchange(worker.unwrapped, worker.mapping, layout) \
-            if through_shm else None
         try:
             if report.sent:
                 stream = iter_stage_parameters(worker.unwrapped, worker.mapping, layout, peers)
-                self._send_stage(worker, plan, stream, report)
+                try:
+                    self._send_stage(worker, plan, stream, report)
+                except BaseException:
+                    if not through_shm:  # the TP peers are still sending shards: take them
+                        _drain(stream)
+                    raise
             elif not through_shm:  # send this rank's shards to the TP-rank-0 peer, which sends
-                for _ in iter_stage_parameters(worker.unwrapped, worker.mapping, layout):
-                    pass
+                _drain(iter_stage_parameters(worker.unwrapped, worker.mapping, layout))
         finally:
             if through_shm:  # TP rank 0 is done with the peers' shards, even after an error
                 PeerShards.done()
         return report
 
-    def _peers_in_shared_memory(self, worker: "PolicyWorker", plan: PushPlan) -> bool:
-        """Whether TP rank 0 maps its peers' shards (collective the first time)."""
-        if not plan.share_parameters or worker.layout.tp_size == 1:
-            return False
+    def _peers_from_shared_memory(self, worker: "PolicyWorker",
+                                  plan: PushPlan) -> dict[str, list[torch.Tensor]] | None:
+        """Collective over the stage's TP group: the peers' shards mapped from their shared
+        memory ({} on the peers), or None if they travel point to point this time."""
+        layout = worker.layout
+        if not (plan.share_parameters and layout.tp_size > 1):
+            return None
         if self._peers_usable is None:
-            self._peers_usable = PeerShards.usable(worker.unwrapped, worker.layout)
-        return self._peers_usable
+            self._peers_usable = PeerShards.usable(worker.unwrapped, layout)
+        if not self._peers_usable:
+            return None
+        try:
+            return self._peer_shards.exchange(worker.unwrapped, worker.mapping, layout) or {}
+        except PeerShardsUnavailable as exc:  # raised on every rank of the group alike
+            # The text, not the exception: a kept log record would keep its frames (and the
+            # parameters they reach) alive past the rank's end, and their files in /dev/shm.
+            log.warning("TP shards travel point to point from now on: %s", str(exc))
+            self._peers_usable = False
+            return None
 
     def _send_stage(self, worker: "PolicyWorker", plan: PushPlan,
                     stream: Iterable[TensorGroup], report: PushReport) -> None:
@@ -133,3 +151,10 @@ class WeightSender:
                 await asyncio.gather(in_flight, return_exceptions=True)
             await asyncio.wait_for(transport.close(), plan.timeout_s)
         report.failed = dict(transport.failed)
+
+
+def _drain(stream: Iterable[TensorGroup]) -> None:
+    """Run the export stream to its end: point to point, each step is a send or receive that a
+    TP peer is waiting for (a rank that stopped early would leave its peers blocked)."""
+    for _ in stream:
+        pass
