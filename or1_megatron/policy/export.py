@@ -1,7 +1,8 @@
 """Streams this pipeline stage's parameters as full Hugging Face tensors (TP shards gathered).
 
-The weight sync and the Megatron -> HF converter both consume this stream; it yields one HF
-tensor at a time, so a rank holds its own shards plus at most one gathered parameter. Only the
+The weight sync and the Megatron -> HF converter both consume this stream; it yields one
+parameter at a time (the converter takes its HF tensors, the weight sync writes them straight
+into its buckets), so a rank holds its own shards plus at most one gathered parameter. Only the
 stage's TP rank 0 uses full tensors (it sends or writes them), so the shards travel to it alone,
 point to point: on one node gloo's all_gather moves bytes several times slower than send/recv.
 """
