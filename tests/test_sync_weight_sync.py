@@ -121,6 +121,22 @@ CASES = [pytest.param(layout, transport, True, id=f"{layout}-{transport}")
 CASES.append(pytest.param("tp2_pp2", "colocated", False, id="tp2_pp2-colocated-point_to_point"))
 
 
+def recording(push):
+    """`push`, and the list of the reports of every push it made (one list per push)."""
+    pushed = []
+
+    def push_and_keep(plan):
+        reports = push(plan)
+        pushed.append(reports)
+        return reports
+
+    return push_and_keep, pushed
+
+
+def tp_shards(reports) -> set[str]:
+    return {r.tp_shards for r in reports if r.sent}
+
+
 @pytest.mark.parametrize("layout,transport,share_parameters", CASES)
 def test_engines_equal_trainer_after_one_step(hf_dir, engines, tmp_path, layout, transport,
                                               share_parameters):
@@ -128,13 +144,7 @@ def test_engines_equal_trainer_after_one_step(hf_dir, engines, tmp_path, layout,
     seed = 100 + 10 * list(LAYOUTS).index(layout) + TRANSPORTS.index(transport) + share_parameters
     with RankGroup(tp * pp, setup_rank, hf_dir, tp, pp, timeout_s=120) as group:
         push, score = driver(group)
-        pushed = []
-
-        def push_and_keep(plan):
-            reports = push(plan)
-            pushed.extend(reports)
-            return reports
-
+        push_and_keep, pushed = recording(push)
         group.call(train_rank, seed)  # a different step in each case: engines start stale
         config = replace(sync_config(transport, tmp_path), share_parameters=share_parameters)
         coordinator = WeightSyncCoordinator(engines, config, vocab_size=VOCAB,
@@ -152,7 +162,7 @@ def test_engines_equal_trainer_after_one_step(hf_dir, engines, tmp_path, layout,
 
         report, versions = run(scenario())
     how = {"shared_memory" if share_parameters else "point_to_point"} if tp > 1 else {""}
-    assert {r.tp_shards for r in pushed if r.sent} == how
+    assert [tp_shards(reports) for reports in pushed] == [how]
     assert report.version == "1" and versions == ["1", "1"] and coordinator.version == 1
     assert report.bytes_per_engine == hf_bytes(hf_dir)  # every tensor once, no vocab padding
     assert report.buckets > pp  # bucketed, per stage
@@ -179,12 +189,7 @@ def test_a_failed_shared_memory_hand_over_falls_back_to_point_to_point(hf_dir, e
         push, score = driver(group)
         coordinator = WeightSyncCoordinator(engines, sync_config("colocated", tmp_path),
                                             vocab_size=VOCAB, hf_config_dir=str(hf_dir))
-        pushed = []
-
-        def push_and_keep(plan):
-            reports = push(plan)
-            pushed.append({r.tp_shards for r in reports if r.sent})
-            return reports
+        push_and_keep, pushed = recording(push)
 
         async def scenario():
             try:
@@ -199,7 +204,8 @@ def test_a_failed_shared_memory_hand_over_falls_back_to_point_to_point(hf_dir, e
                 await coordinator.close()
 
         reports = run(scenario())
-    assert pushed == [{"shared_memory"}, {"point_to_point"}, {"point_to_point"}]
+    assert [tp_shards(reports) for reports in pushed] == [
+        {"shared_memory"}, {"point_to_point"}, {"point_to_point"}]
     for report in reports:
         assert max(report.verify_max_diff.values()) <= 1e-4, report.verify_max_diff
 

@@ -36,7 +36,9 @@ import torch.multiprocessing
 from or1_megatron.errors import OR1Error
 
 SGLANG_METADATA_MODULE = "sglang.srt.weight_sync.tensor_bucket"
-_ALIGN = 16
+# Every tensor of a flattened bucket starts on a 16-byte boundary, so a receiver can view its
+# bytes as any dtype without a copy (SGLang reads start_idx/end_idx: the padding is invisible).
+ALIGN = 16
 
 
 class PayloadError(OR1Error):
@@ -74,6 +76,11 @@ def use_file_system_sharing() -> None:
 # ---------------------------------------------------------------- encoding (trainer side)
 
 
+def aligned(offset: int) -> int:
+    """The first ALIGN boundary at or after `offset`."""
+    return (offset + ALIGN - 1) // ALIGN * ALIGN
+
+
 def flatten_bucket(named_tensors: list[tuple[str, torch.Tensor]]) -> dict[str, Any]:
     """Pack tensors of any dtypes into one uint8 tensor plus per-tensor byte ranges."""
     if not named_tensors:
@@ -81,9 +88,7 @@ def flatten_bucket(named_tensors: list[tuple[str, torch.Tensor]]) -> dict[str, A
     cls = _metadata_class()
     flats, metadata, offset = [], [], 0
     for name, tensor in named_tensors:
-        # Start every tensor on a 16-byte boundary so the receiver can view the bytes as any
-        # dtype without a copy (SGLang reads start_idx/end_idx, so padding is transparent).
-        pad = -offset % _ALIGN
+        pad = aligned(offset) - offset
         if pad:
             flats.append(torch.zeros(pad, dtype=torch.uint8, device=tensor.device))
             offset += pad

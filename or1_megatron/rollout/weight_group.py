@@ -43,6 +43,9 @@ class WeightUpdateGroup:
                  backend: str = "gloo"):
         if backend not in _STORE_DEVICE:
             raise ValueError(f"weight-update group backend {backend!r}; one of {sorted(_STORE_DEVICE)}")
+        nccl_here = torch.cuda.is_available() and hasattr(dist, "ProcessGroupNCCL")
+        if backend == "nccl" and not nccl_here:  # checked before the store starts listening
+            raise ValueError("an NCCL weight-update group needs a GPU and a CUDA build of torch")
         timeout = datetime.timedelta(seconds=timeout_s)
         self.rank, self.world_size, self.group_name = rank, world_size, group_name
         # As torch's tcp:// rendezvous makes it for SGLang: rank 0 serves, multi-tenant.
@@ -53,8 +56,6 @@ class WeightUpdateGroup:
             self.device = torch.device("cpu")
             self._group = dist.ProcessGroupGloo(store, rank, world_size, timeout)
         else:
-            if not (torch.cuda.is_available() and hasattr(dist, "ProcessGroupNCCL")):
-                raise ValueError("an NCCL weight-update group needs a GPU and a CUDA build of torch")
             self.device = torch.device("cuda", torch.cuda.current_device())
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout

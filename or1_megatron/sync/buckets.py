@@ -20,15 +20,8 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 
-from or1_megatron.rollout.serialization import _metadata_class
-
-# Every tensor starts on a 16-byte boundary, so a receiver can view its bytes as any dtype
-# without a copy (SGLang reads start_idx/end_idx, so the padding is invisible to it).
-ALIGN = 16
-
-
-def aligned(offset: int) -> int:
-    return (offset + ALIGN - 1) // ALIGN * ALIGN
+# One alignment rule for every flattened bucket (see serialization.ALIGN).
+from or1_megatron.rollout.serialization import ALIGN, _metadata_class, aligned
 
 
 def nbytes(tensor: torch.Tensor) -> int:
