@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from pathlib import Path
-from typing import Any, Coroutine, Iterator
+from typing import Any, Awaitable, Callable, Coroutine, Iterator
 
 import torch
 
@@ -40,6 +41,23 @@ def forward_logprobs(model: Any, prompt: list[int], output: list[int]) -> torch.
 
 def run(coro: Coroutine) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout=180))
+
+
+async def wait_for_state(check: Callable[[], Any | Awaitable[Any]], what: str,
+                         timeout_s: float = 60.0, interval_s: float = 0.02) -> Any:
+    """Poll `check` (plain or async) until it returns something truthy; fail naming `what`
+    after `timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    last = None
+    while loop.time() < deadline:
+        last = check()
+        if inspect.isawaitable(last):
+            last = await last
+        if last:
+            return last
+        await asyncio.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what} (last: {last!r})")
 
 
 @contextlib.contextmanager

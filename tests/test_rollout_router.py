@@ -10,7 +10,7 @@ import torch
 
 from or1_megatron.rollout.router import RolloutRouter
 from tests.rollout_testutil import (forward_logprobs, load_model, make_tiny_qwen2, perturbed_weights,
-                                    run, running_cpu_engines)
+                                    run, running_cpu_engines, wait_for_state)
 
 PROMPTS = [[3 + i, 40 + i, 7 * i % 290 + 1] for i in range(16)]
 
@@ -77,9 +77,17 @@ def test_sigkill_during_a_batch_restarts_engine_and_answers_every_request_once(m
                                                for rid, p, sp in requests))
             victim = router.slots[0]
             old_pid = victim.process.pid
+            # Paused in place, the victim accepts its share of the batch and holds it unanswered,
+            # so the kill lands with requests in flight however fast the machine is.
+            await victim.client.pause_generation("in_place")
             tasks = [asyncio.create_task(router.generate(p, sp, rid=rid)) for rid, p, sp in requests]
-            await asyncio.sleep(0.5)  # the batch is running on both engines
-            assert victim.inflight > 0
+
+            async def victim_holds_its_share():
+                load = await victim.client.load()
+                held = load["num_running_reqs"] + load["num_waiting_reqs"]
+                return victim.inflight > 0 and held == victim.inflight
+            await wait_for_state(victim_holds_its_share, "the victim to hold its requests")
+            assert not any(task.done() for task in tasks)
             os.kill(old_pid, signal.SIGKILL)
             answers = await asyncio.wait_for(asyncio.gather(*tasks), 150)
             # Wait for the restart to finish, then check the engine got the current weights back.
@@ -120,25 +128,30 @@ def test_a_weight_sync_hold_stops_restarts_and_readmits_the_engine_it_repaired(p
         router = await _router(processes)  # health checks every 0.5 s
         victim = router.slots[1]
         restarts = victim.process.restarts
+        async def health_rounds_pass(count: int) -> None:
+            target = router.health_rounds + count
+            await wait_for_state(lambda: router.health_rounds >= target,
+                                 f"{count} health-check rounds")
+
         try:
             async with router.recovery_paused():
                 victim.process.kill()
                 answers = await router.generate_many(PROMPTS[:4], [params(i, 8) for i in range(4)])
-                await asyncio.sleep(2)  # four health intervals: no verdict, no restart
+                await health_rounds_pass(4)  # no verdict, no restart while held
                 assert not victim.process.alive() and victim.process.restarts == restarts
                 assert not victim.healthy and victim.recovery is None
                 # the sync restarts it (and feeds it its weights)
                 await asyncio.to_thread(victim.process.restart)
                 await asyncio.to_thread(victim.process.wait_ready)
-                await asyncio.sleep(1)
+                await health_rounds_pass(2)
                 assert not victim.healthy  # not before the sync is over
             await asyncio.wait_for(victim.recovery, 60)
             readmitted = (victim.healthy, victim.process.restarts - restarts)
             [served] = await victim.client.generate([PROMPTS[0]], params(0, 4))
 
             async with router.recovery_paused():  # dead when the hold ends: recovered as usual
-                victim.process.kill()
-                await asyncio.sleep(1)
+                victim.process.kill()  # reaps the process: dead on return
+                assert not victim.process.alive()
             await asyncio.wait_for(victim.recovery, 120)
             recovered = (victim.healthy, victim.process.alive(), victim.process.restarts - restarts)
             return answers, router.resent, readmitted, served, recovered

@@ -236,6 +236,11 @@ class HttpEngine:
     async def model_info(self) -> dict:
         return await self._request("GET", "/model_info")
 
+    async def load(self) -> dict:
+        """GET /v1/loads, first DP rank: `num_running_reqs` (decoding), `num_waiting_reqs`
+        (queued) and, depending on the engine, more of SGLang's load fields."""
+        return (await self._request("GET", "/v1/loads"))["loads"][0]
+
     async def weight_version(self) -> str:
         return (await self.model_info())["weight_version"]
 

@@ -88,6 +88,7 @@ class RolloutRouter:
         self._closed = False
         self._holds = 0  # recovery_paused() depth: >0 while a weight sync owns the engines
         self.resent = 0  # requests sent again after their engine failed
+        self.health_rounds = 0  # completed passes of the health loop (observable by tests)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -340,3 +341,4 @@ class RolloutRouter:
                     slot.health_failures += 1
                     if slot.health_failures >= self.health_failures_to_restart:
                         self._mark_failed(slot, f"/health failed {slot.health_failures} times")
+            self.health_rounds += 1

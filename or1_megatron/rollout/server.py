@@ -172,6 +172,11 @@ async def health_generate(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+async def loads(request: web.Request) -> web.Response:
+    """SGLang's GET /v1/loads: per-DP-rank load; this engine has one rank."""
+    return web.json_response({"version": "or1-cpu", "loads": [request.app[ENGINE_KEY].load()]})
+
+
 async def model_info(request: web.Request) -> web.Response:
     return web.json_response(request.app[ENGINE_KEY].info())
 
@@ -186,6 +191,7 @@ def build_app(engine: CpuEngine) -> web.Application:
     app.router.add_get("/health_generate", health_generate)
     app.router.add_get("/model_info", model_info)
     app.router.add_get("/get_model_info", model_info)
+    app.router.add_get("/v1/loads", loads)
     app.router.add_route("*", "/generate", generate)
     app.router.add_route("*", "/flush_cache", flush_cache)
     app.router.add_post("/begin_weight_update",
