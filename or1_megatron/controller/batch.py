@@ -14,8 +14,9 @@ import torch
 
 
 def response_mask(prompt_length: int, length: int) -> torch.Tensor:
-    """1 where position j predicts a response token (positions prompt_length - 1 ... length - 2)."""
-    mask = torch.zeros(length - 1)
+    """1 where position j predicts a response token (positions prompt_length - 1 ... length - 2);
+    host data, packed and moved to the device by the trainer."""
+    mask = torch.zeros(length - 1, device="cpu")
     mask[prompt_length - 1:] = 1.0
     return mask
 

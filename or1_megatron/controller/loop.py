@@ -208,9 +208,10 @@ class Trainer:
                             "actor/entropy_bonus": alpha})
             with _timed(timings, "train"):
                 metrics.update(self.update_policy(batch, stage, alpha))
+            # The trainer hands its cached GPU memory back before the engines take theirs.
+            self.ranks.call(ranks.release_cached_memory)
             await self._engines_memory("resume", ["weights"])
-            timings["sync"] = await self.sync_weights()
-            await self._engines_memory("resume", ["kv_cache"])
+            timings["sync"] = await self.sync_weights(resume_kv_cache=True)
         else:
             log.warning("step %d: every group had equal rewards; no update", self.state.step + 1)
             timings["sync"] = 0.0
@@ -279,10 +280,16 @@ class Trainer:
         index = next(i for i, e in enumerate(self.coordinator.engines) if e.url == client.url)
         await self.coordinator.refeed(index, self.push_weights)
 
-    async def sync_weights(self) -> float:
-        report = await self.coordinator.sync(self.push_weights, self.score_probe)
+    async def sync_weights(self, resume_kv_cache: bool = False) -> float:
+        """Push the trainer's weights to every engine, then (with sync.verify) check them with
+        the probe batch, which generates: a colocated engine needs its KV cache back first."""
+        report = await self.coordinator.sync(self.push_weights)
         if report.restarted:
             log.warning("weight sync %s restarted %s", report.version, report.restarted)
+        if resume_kv_cache:
+            await self._engines_memory("resume", ["kv_cache"])
+        if self.config.sync.verify:
+            report.verify_max_diff = await self.coordinator.verify(self.score_probe)
         return report.seconds
 
     async def _engines_memory(self, action: str, tags: list[str]) -> None:

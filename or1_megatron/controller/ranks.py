@@ -114,6 +114,14 @@ def restart_lr_schedule(state: PolicyRank, lr: float, warmup_steps: int) -> None
     state.worker.restart_lr_schedule(lr, warmup_steps)
 
 
+def release_cached_memory(state: PolicyRank) -> None:
+    """Give the GPU memory torch caches but no tensor uses back to the device, so a colocated
+    engine resuming its weights and KV cache finds it free (nothing to do on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 def push_weights(state: PolicyRank, plan: "PushPlan") -> "PushReport":
     return state.sender.push(state.worker, plan)
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from or1_megatron.distributed.cpu_results import require_cpu_tensors
 from or1_megatron.distributed.fork_launcher import RankFailed
 
 
@@ -39,7 +40,9 @@ class _RankActor:
         return os.getpid()
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return fn(self.state, *args)
+        result = fn(self.state, *args)
+        require_cpu_tensors(result, f"rank {self.rank}'s result of {getattr(fn, '__name__', fn)}")
+        return result
 
 
 class RayRankGroup:

@@ -12,6 +12,7 @@ Both use the one Qwen2 mapping (convert/qwen2.py) that the weight sync uses.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import shutil
@@ -96,12 +97,14 @@ def _build_stage(arch: Qwen2Arch, layout: Layout, meta: bool = False):
 
     rank_layout = init_parallel(_parallel_config(layout), seed=0)
     model_cfg = ModelConfig(hf_path="", dtype=layout.dtype, layer_spec="local")
-    device = torch.device("meta") if meta else torch.device("cpu")
-    with device:
+    # The converter's ranks are gloo ranks: they compute on the CPU even where GPUs exist.
+    assert rank_layout.device.type == "cpu", rank_layout.device
+    with torch.device("meta") if meta else contextlib.nullcontext():
         model = build_policy_model(arch, model_cfg, _parallel_config(layout),
                                    pre_process=rank_layout.is_first_stage,
                                    post_process=rank_layout.is_last_stage,
-                                   pp_rank=rank_layout.pp_rank, initialize=False)
+                                   pp_rank=rank_layout.pp_rank, initialize=False,
+                                   device=rank_layout.device)
     return model, rank_layout
 
 

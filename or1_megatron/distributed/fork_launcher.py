@@ -1,9 +1,15 @@
-"""Run a function on N forked ranks joined in a gloo process group, and collect what each returns.
+"""Run a function on N forked ranks joined in a process group, and collect what each returns.
 
 Forking from a parent that already imported torch and megatron makes a world-4 job start in
 under a second (spawning costs 11-17 s), which is what lets the parallel-vs-single-process
-oracle tests run in CI. Used by tests and by the `or1 check` smoke command; the real trainer
-places its ranks with Ray instead.
+oracle tests run in CI. Used by tests, the converter and the `or1 check` smoke command; the
+real trainer places its ranks with Ray instead.
+
+On GPU machines two rules hold. A parent that has initialised CUDA (`import megatron.core`
+does) cannot fork ranks that use CUDA: the ranks are then spawned instead, which needs `fn`
+and its arguments to be picklable. And what a rank returns must be CPU tensors (checked on the
+rank): a CUDA tensor unpickled here would initialise CUDA in the parent. The backend is the
+caller's choice: NCCL needs one GPU per rank and CUDA tensors in every collective.
 """
 from __future__ import annotations
 
@@ -18,9 +24,15 @@ from typing import Any, Callable
 
 import torch
 
+from or1_megatron.distributed.cpu_results import require_cpu_tensors
+
 
 class RankFailed(RuntimeError):
     """A forked rank raised, crashed or timed out; the message carries its traceback."""
+
+
+class LaunchError(RuntimeError):
+    """The ranks cannot be started as asked (backend, GPUs)."""
 
 
 def free_port() -> int:
@@ -29,7 +41,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_main(fn, rank: int, world_size: int, port: int, args: tuple, results: mp.Queue) -> None:
+BACKENDS = ("gloo", "nccl")
+
+
+def start_method() -> str:
+    """"fork" (fast), or "spawn" where this process has initialised CUDA (a forked child
+    cannot use CUDA then)."""
+    return "spawn" if torch.cuda.is_initialized() else "fork"
+
+
+def check_backend(backend: str, world_size: int) -> None:
+    """A LaunchError unless `backend` can run `world_size` ranks on this machine."""
+    if backend not in BACKENDS:
+        raise LaunchError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "nccl":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if world_size > gpus:
+            raise LaunchError(f"backend 'nccl' needs one GPU per rank: {world_size} ranks, "
+                              f"{gpus} GPU(s) visible; use backend='gloo' for CPU tensors")
+
+
+def _rank_main(fn, rank: int, world_size: int, port: int, backend: str, args: tuple,
+               results: mp.Queue) -> None:
     try:
         torch.set_num_threads(1)
         os.environ.update(
@@ -39,14 +72,13 @@ def _rank_main(fn, rank: int, world_size: int, port: int, args: tuple, results: 
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
         )
-        backend = "gloo"
-        if torch.cuda.is_available():  # the parent must not have touched CUDA before forking
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-            backend = "nccl"
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         torch.distributed.init_process_group(
             backend=backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size
         )
         value = fn(rank, world_size, *args)
+        require_cpu_tensors(value, f"rank {rank}'s result")
     except BaseException:  # report everything, including SystemExit, to the parent
         # No barrier here: the other ranks may be blocked in a collective with this one, and
         # the parent kills them as soon as it reads this error.
@@ -60,22 +92,34 @@ def _rank_main(fn, rank: int, world_size: int, port: int, args: tuple, results: 
 
 
 def run_forked(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300.0
+    fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo",
+    timeout_s: float = 300.0, method: str | None = None,
 ) -> list[Any]:
-    """Call ``fn(rank, world_size, *args)`` on ``world_size`` forked ranks (gloo; NCCL with GPUs).
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` ranks joined by ``backend``.
 
-    Returns the per-rank return values in rank order. Raises RankFailed with the failing rank's
-    traceback if any rank raises, dies or does not finish within ``timeout_s``.
+    The ranks are forked (spawned where this process has initialised CUDA; `method` overrides).
+    Returns the per-rank return values (CPU only) in rank order. Raises RankFailed with the
+    failing rank's traceback if any rank raises, returns a non-CPU tensor, dies or does not
+    finish within ``timeout_s``.
     """
-    ctx = mp.get_context("fork")
+    check_backend(backend, world_size)
+    ctx = mp.get_context(method or start_method())
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, args, results))
+        ctx.Process(target=_rank_main, args=(fn, rank, world_size, port, backend, args, results))
         for rank in range(world_size)
     ]
-    for proc in procs:
-        proc.start()
+    for started, proc in enumerate(procs):
+        try:
+            proc.start()
+        except (pickle.PicklingError, AttributeError, TypeError) as exc:
+            for other in procs[:started]:
+                other.kill()
+                other.join()
+            raise LaunchError(f"{ctx.get_start_method()}ed ranks need a picklable function and "
+                              f"arguments (this process initialised CUDA, so ranks cannot be "
+                              f"forked): {exc}") from exc
     collected: dict[int, Any] = {}
     errors: list[str] = []
     deadline = time.monotonic() + timeout_s

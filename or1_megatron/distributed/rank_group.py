@@ -1,4 +1,4 @@
-"""Trainer ranks that stay alive between calls: forked gloo ranks driven by the parent process.
+"""Trainer ranks that stay alive between calls: forked ranks driven by the parent process.
 
 `run_forked` runs one function and exits; a weight sync needs the ranks to train, then push
 when the coordinator asks, then score the probe batch, with the model kept in between. A
@@ -20,7 +20,8 @@ import time
 import traceback
 from typing import Any, Callable
 
-from or1_megatron.distributed.fork_launcher import RankFailed, run_forked
+from or1_megatron.distributed.cpu_results import require_cpu_tensors
+from or1_megatron.distributed.fork_launcher import RankFailed, run_forked, start_method
 
 
 def _serve(rank: int, world_size: int, setup: Callable[..., Any], setup_args: tuple,
@@ -38,7 +39,9 @@ def _serve(rank: int, world_size: int, setup: Callable[..., Any], setup_args: tu
             return
         call_id, fn, args = message
         try:
-            value = pickle.dumps(fn(state, *args))
+            result = fn(state, *args)
+            require_cpu_tensors(result, f"rank {rank}'s result of {getattr(fn, '__name__', fn)}")
+            value = pickle.dumps(result)
             outbox.put((call_id, rank, True, value))
         except BaseException:
             outbox.put((call_id, rank, False, traceback.format_exc()))
@@ -49,9 +52,11 @@ class RankGroup:
     """`world_size` forked ranks, each holding `setup(rank, world_size, *args)` as its state."""
 
     def __init__(self, world_size: int, setup: Callable[..., Any], *args: Any,
-                 timeout_s: float = 300.0):
-        ctx = mp.get_context("fork")
+                 backend: str = "gloo", timeout_s: float = 300.0):
+        self._method = start_method()  # spawn where this process has initialised CUDA
+        ctx = mp.get_context(self._method)
         self.world_size = world_size
+        self.backend = backend
         self.timeout_s = timeout_s
         self._inboxes = [ctx.Queue() for _ in range(world_size)]
         self._outbox = ctx.Queue()
@@ -65,7 +70,7 @@ class RankGroup:
     def _run(self, setup: Callable[..., Any], args: tuple) -> None:
         try:
             run_forked(_serve, self.world_size, setup, args, self._inboxes, self._outbox,
-                       timeout_s=float("inf"))
+                       backend=self.backend, timeout_s=float("inf"), method=self._method)
         except BaseException as exc:  # reported by the next call
             self._error = exc
 

@@ -1,8 +1,11 @@
-"""Patches that let megatron-core 0.16 train on CPU with gloo; applied only when CUDA is absent.
+"""Patches that let megatron-core 0.16 train on CPU with gloo; applied to ranks that compute on
+the CPU.
 
 megatron-core assumes a GPU in a handful of places. Each patch below fixes one of them, and
-`apply_cpu_patches()` must run in every rank before the model is built. On a machine with CUDA
-it does nothing, so GPU runs always execute megatron's own code. This module must never change
+`apply_cpu_patches()` must run in every CPU rank before the model is built. A rank that
+computes on a GPU (NCCL) never applies them, so GPU runs always execute megatron's own code; a
+CPU rank on a machine with GPUs (the converter's) applies them like any CPU rank, so megatron's
+`torch.cuda.current_device()` never sends its tensors to a GPU. This module must never change
 numerics: it only redirects devices, RNG state and type strings.
 """
 from __future__ import annotations
@@ -123,8 +126,6 @@ def _patch_torch_adam_checkpoint_load() -> None:
 def apply_cpu_patches() -> bool:
     """Apply every CPU patch once per process. Returns True if patches are in force."""
     global _APPLIED
-    if torch.cuda.is_available():
-        return False
     if _APPLIED:
         return True
     from megatron.core.tensor_parallel import random as mcore_random
@@ -148,5 +149,5 @@ def apply_cpu_patches() -> bool:
     # Hard-coded device="cuda", Tensor.cuda() and Tensor.type() strings.
     _CudaToCpuMode().__enter__()
     _APPLIED = True
-    logger.info("megatron-core CPU patches applied (no CUDA device found)")
+    logger.info("megatron-core CPU patches applied (this rank computes on the CPU)")
     return True

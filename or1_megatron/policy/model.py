@@ -31,16 +31,23 @@ from or1_megatron.convert.hf_config import Qwen2Arch, padded_vocab_size
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def use_transformer_engine(model_cfg: ModelConfig) -> bool:
+def use_transformer_engine(model_cfg: ModelConfig, device: torch.device) -> bool:
+    """TE's layer spec on a GPU rank with transformer-engine at bf16 (TE has no attention
+    backend for packed 'thd' sequences in fp32); megatron's local spec otherwise."""
     if model_cfg.layer_spec == "local":
         return False
-    has_te = torch.cuda.is_available() and _te_importable()
-    if model_cfg.layer_spec == "te" and not has_te:
-        raise RuntimeError(
-            "model.layer_spec=te needs a CUDA GPU with transformer-engine installed; "
-            "use model.layer_spec=local (or auto) on this machine"
-        )
-    return has_te
+    has_te = device.type == "cuda" and _te_importable()
+    if model_cfg.layer_spec == "te":
+        if not has_te:
+            raise RuntimeError(
+                "model.layer_spec=te needs a CUDA GPU with transformer-engine installed; "
+                "use model.layer_spec=local (or auto) on this machine")
+        if model_cfg.dtype != "bf16":
+            raise RuntimeError(
+                f"model.layer_spec=te with model.dtype={model_cfg.dtype}: transformer-engine has "
+                "no attention backend for packed sequences in fp32; use model.dtype=bf16 or "
+                "model.layer_spec=local")
+    return has_te and model_cfg.dtype == "bf16"
 
 
 def _te_importable() -> bool:
@@ -52,14 +59,16 @@ def _te_importable() -> bool:
 
 
 def transformer_config(
-    arch: Qwen2Arch, model_cfg: ModelConfig, parallel: ParallelConfig, initialize: bool = True
+    arch: Qwen2Arch, model_cfg: ModelConfig, parallel: ParallelConfig, initialize: bool = True,
+    device: torch.device = torch.device("cpu"), use_te: bool = False,
 ) -> TransformerConfig:
-    """Megatron TransformerConfig for a Qwen2 decoder (bias on q/k/v only, SwiGLU, RMSNorm, GQA).
+    """Megatron TransformerConfig for a Qwen2 decoder (bias on q/k/v only, SwiGLU, RMSNorm, GQA)
+    computing on `device`.
 
     `initialize=False` skips random initialisation, for models whose weights are loaded next.
     """
     dtype = DTYPES[model_cfg.dtype]
-    on_gpu = torch.cuda.is_available()
+    on_gpu = device.type == "cuda"
     recompute = (
         dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
         if model_cfg.recompute
@@ -91,12 +100,13 @@ def transformer_config(
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=not on_gpu,
-        # Fusions need CUDA kernels (apex/TE); off on CPU, megatron's defaults on GPUs.
-        gradient_accumulation_fusion=False,
+        # Fusions need CUDA kernels: megatron's own on any GPU; the RoPE and weight-gradient
+        # accumulation fusions come from transformer-engine, so only with its spec.
+        gradient_accumulation_fusion=use_te,
         bias_activation_fusion=on_gpu,
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=on_gpu,
-        apply_rope_fusion=False,
+        apply_rope_fusion=use_te,
         persist_layer_norm=False,
         # Packed micro-batches differ in length: p2p exchanges shapes first.
         variable_seq_lengths=True,
@@ -116,7 +126,11 @@ class Qwen2RMSNorm(torch.nn.Module):
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **_unused):
         super().__init__()
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # Where megatron puts its own parameters: the CPU under use_cpu_initialization, else
+        # the rank's GPU.
+        device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype,
+                                                    device=device))
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -131,7 +145,10 @@ class PackedCoreAttention(MegatronModule):
 
     Megatron's own DotProductAttention rejects packed sequences; rotary embeddings are already
     applied per sequence by SelfAttention from `cu_seqlens`, so here each sequence attends
-    causally within itself only.
+    causally within itself only. Memory grows linearly with sequence length (no [L, L] scores
+    are kept): on a GPU one varlen flash-attention call over the whole pack, with GQA and no
+    host sync; elsewhere SDPA per sequence in 4-D with GQA, which takes torch's flash kernel
+    for CPUs (3-D inputs would fall back to the math kernel and save [heads, L, L] fp32 scores).
     """
 
     def __init__(
@@ -158,20 +175,64 @@ class PackedCoreAttention(MegatronModule):
         if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
             raise ValueError("PackedCoreAttention needs packed_seq_params with qkv_format='thd'")
         # query [t, heads, d]; key/value [t, groups, d]
-        repeat = self.heads // self.groups
-        if repeat > 1:
-            key = key.repeat_interleave(repeat, dim=1)
-            value = value.repeat_interleave(repeat, dim=1)
-        q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # [heads, t, d]
+        if query.is_cuda and varlen_attention_available():
+            out = varlen_causal_attention(query, key, value, packed_seq_params.cu_seqlens_q,
+                                          packed_seq_params.max_seqlen_q, self.softmax_scale)
+        else:
+            out = self._per_sequence(query, key, value, _host_bounds(packed_seq_params))
+        return out.reshape(query.shape[0], -1)
+
+    def _per_sequence(self, query, key, value, bounds: list[int]) -> torch.Tensor:
+        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))  # [1, h, t, d]
         out = torch.empty_like(q)
-        bounds = packed_seq_params.cu_seqlens_q.tolist()
         for start, end in zip(bounds[:-1], bounds[1:]):
             if end > start:
-                out[:, start:end] = F.scaled_dot_product_attention(
-                    q[:, start:end], k[:, start:end], v[:, start:end],
-                    is_causal=True, scale=self.softmax_scale,
-                )
-        return out.transpose(0, 1).reshape(query.shape[0], -1)
+                out[:, :, start:end] = F.scaled_dot_product_attention(
+                    q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], is_causal=True,
+                    scale=self.softmax_scale, enable_gqa=self.heads != self.groups)
+        return out[0].transpose(0, 1)  # [t, heads, d]
+
+
+def _host_bounds(packed_seq_params) -> list[int]:
+    """Sequence boundaries as Python ints: the packer's host copy when it made the params
+    (no device sync), else read from `cu_seqlens_q`."""
+    bounds = getattr(packed_seq_params, "host_bounds", None)
+    return list(bounds) if bounds is not None else packed_seq_params.cu_seqlens_q.tolist()
+
+
+def varlen_attention_available() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def varlen_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            cu_seqlens: torch.Tensor, max_seqlen: int, scale: float) -> torch.Tensor:
+    """torch's varlen flash attention, causal within each packed sequence, GQA without copies
+    of K/V where this torch has it ([t, heads, d] in and out)."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    kwargs: dict = {"scale": scale}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0)  # causal
+    else:
+        kwargs["is_causal"] = True
+    if query.shape[1] != key.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            repeat = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+    if "scale" not in params:
+        kwargs.pop("scale")
+        query = query * (scale * math.sqrt(query.shape[-1]))  # the kernel's default 1/sqrt(d)
+    cu = cu_seqlens.to(torch.int32)
+    return varlen_attn(query, key, value, cu, cu, max_seqlen, max_seqlen, **kwargs)
 
 
 def layer_spec(config: TransformerConfig, use_te: bool, pp_rank: Optional[int] = None):
@@ -216,11 +277,12 @@ def build_policy_model(
     post_process: bool,
     pp_rank: Optional[int] = None,
     initialize: bool = True,
+    device: torch.device = torch.device("cpu"),
 ) -> PolicyGPTModel:
-    """Build this rank's stage of the policy (random init unless `initialize=False`)."""
-    config = transformer_config(arch, model_cfg, parallel, initialize)
-    use_te = use_transformer_engine(model_cfg)
-    return PolicyGPTModel(
+    """Build this rank's stage of the policy on `device` (random init unless `initialize=False`)."""
+    use_te = use_transformer_engine(model_cfg, device)
+    config = transformer_config(arch, model_cfg, parallel, initialize, device, use_te)
+    model = PolicyGPTModel(
         config=config,
         transformer_layer_spec=layer_spec(config, use_te, pp_rank),
         vocab_size=padded_vocab_size(
@@ -235,3 +297,6 @@ def build_policy_model(
         rotary_base=int(arch.rope_theta),
         rotary_percent=1.0,
     )
+    if device.type == "cuda":
+        model.cuda(device)  # what megatron's own set-up does: any buffer made on the host moves
+    return model

@@ -1,4 +1,9 @@
-"""Process-group and model-parallel set-up for one trainer rank (gloo on CPU, NCCL on GPU)."""
+"""Process-group and model-parallel set-up for one trainer rank (gloo on CPU, NCCL on GPU).
+
+The rank's compute device follows from its process group's backend, decided once here: NCCL
+computes on this rank's GPU, gloo on the CPU, even on a machine with GPUs (the converter runs
+its ranks that way). Everything the rank builds is built on `RankLayout.device`.
+"""
 from __future__ import annotations
 
 import os
@@ -24,6 +29,7 @@ class RankLayout:
     pp_size: int
     dp_rank: int
     dp_size: int
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_first_stage(self) -> bool:
@@ -38,9 +44,17 @@ def init_parallel(parallel: ParallelConfig, seed: int) -> RankLayout:
     """Join (or create) the default process group and build megatron's parallel groups.
 
     Reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from the environment when the default
-    group does not exist yet. Idempotent within a process for the same layout.
+    group does not exist yet (NCCL where a GPU is visible, else gloo). Idempotent within a
+    process for the same layout.
     """
-    on_gpu = torch.cuda.is_available()
+    if torch.distributed.is_initialized():
+        on_gpu = torch.distributed.get_backend() == "nccl"
+    else:
+        on_gpu = torch.cuda.is_available()
+    if on_gpu and parallel.context_parallel > 1:
+        raise RuntimeError(
+            "parallel.context_parallel > 1 is not built yet: packed micro-batches are not split "
+            "per context-parallel rank; use context_parallel=1")
     if not on_gpu:
         apply_cpu_patches()
         if parallel.context_parallel > 1:
@@ -71,6 +85,13 @@ def init_parallel(parallel: ParallelConfig, seed: int) -> RankLayout:
     return current_layout()
 
 
+def rank_device() -> torch.device:
+    """Where this rank computes: its GPU under NCCL, the CPU under gloo."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def current_layout() -> RankLayout:
     return RankLayout(
         rank=torch.distributed.get_rank(),
@@ -81,6 +102,7 @@ def current_layout() -> RankLayout:
         pp_size=parallel_state.get_pipeline_model_parallel_world_size(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
+        device=rank_device(),
     )
 
 

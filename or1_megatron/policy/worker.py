@@ -61,11 +61,13 @@ class PolicyWorker:
         # Same seed on every rank: CPU initialisation draws the full matrices, then slices them,
         # so a random TP/PP model equals the single-process one.
         torch.manual_seed(config.run.seed)
+        self.device = self.layout.device
         model = build_policy_model(
             self.arch, config.model, config.parallel,
             pre_process=self.layout.is_first_stage,
             post_process=self.layout.is_last_stage,
             pp_rank=self.layout.pp_rank,
+            device=self.device,
         )
         if config.model.load_weights and not config.model.megatron_checkpoint:
             load_hf_weights(model, config.model.hf_path, self.mapping, self.layout)
@@ -138,8 +140,9 @@ class PolicyWorker:
     def micro_batches(
         self, sequences: list[list[int]], extras: Optional[dict[str, list[torch.Tensor]]] = None
     ) -> list[PackedMicroBatch]:
+        """Packed on the host, then moved to this rank's device."""
         plan = plan_micro_batches([len(s) for s in sequences], self.config.batch.micro_batch_tokens)
-        return [pack(sequences, idx, self._pad_multiple(), extras) for idx in plan]
+        return [pack(sequences, idx, self._pad_multiple(), extras).to(self.device) for idx in plan]
 
     def _token_logprobs(self, micro_batch: PackedMicroBatch, hidden: torch.Tensor, temperature: float):
         """Fused log-prob/entropy of every packed position from the last stage's hidden states."""
@@ -190,8 +193,8 @@ class PolicyWorker:
     ) -> Optional[list[SequenceLogprobs]]:
         """Per-token log-probabilities and entropies of `sequences` (token id lists).
 
-        Returns one SequenceLogprobs per sequence, in input order, on the last pipeline stage;
-        None on the other stages.
+        Returns one SequenceLogprobs per sequence (CPU tensors), in input order, on the last
+        pipeline stage; None on the other stages.
         """
         micro_batches = self.micro_batches(sequences)
 
@@ -206,8 +209,10 @@ class PolicyWorker:
         results: list[Optional[SequenceLogprobs]] = [None] * len(sequences)
         for out in outputs:
             mb = out["mb"]
-            pairs = zip(mb.split_per_sequence(out["logprob"]), mb.split_per_sequence(out["entropy"]))
-            for index, (lp, ent) in zip(mb.indices, pairs):
+            # One copy to the host per micro-batch (results leave the rank as CPU tensors).
+            logprob, entropy = out["logprob"].cpu(), out["entropy"].cpu()
+            pairs = zip(mb.split_per_sequence(logprob), mb.split_per_sequence(entropy), strict=True)
+            for index, (lp, ent) in zip(mb.indices, pairs, strict=True):
                 results[index] = SequenceLogprobs(logprob=lp.clone(), entropy=ent.clone())
         return results  # type: ignore[return-value]
 
@@ -299,14 +304,20 @@ class PolicyWorker:
     def _reduce_metrics(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Sum each metric over micro-batches and DP ranks; broadcast from the last PP stage."""
         names = sorted(outputs[0]) if outputs else []
-        local = torch.tensor([sum(float(o[n]) for o in outputs) for n in names], dtype=torch.float64)
+        # On the rank's device: NCCL groups take only CUDA tensors. One host copy at the end.
+        if names:
+            local = torch.stack([sum(o[n].detach().to(self.device, torch.float64) for o in outputs)
+                                 for n in names])
+        else:
+            local = torch.zeros(0, dtype=torch.float64, device=self.device)
         names_obj = [names]
         # Only the last stage computed losses; every rank returns the same numbers.
         last = parallel_state.get_pipeline_model_parallel_last_rank()
-        torch.distributed.broadcast_object_list(names_obj, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+        pp_group = parallel_state.get_pipeline_model_parallel_group()
+        torch.distributed.broadcast_object_list(names_obj, src=last, group=pp_group)
         names = names_obj[0]
         if local.numel() != len(names):
-            local = torch.zeros(len(names), dtype=torch.float64)
-        torch.distributed.broadcast(local, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+            local = torch.zeros(len(names), dtype=torch.float64, device=self.device)
+        torch.distributed.broadcast(local, src=last, group=pp_group)
         torch.distributed.all_reduce(local, group=parallel_state.get_data_parallel_group())
-        return {n: float(v) for n, v in zip(names, local.tolist())}
+        return {n: float(v) for n, v in zip(names, local.tolist(), strict=True)}

@@ -139,6 +139,12 @@ class CpuEngine:
     def submit(self, samples: list[SampleRequest]) -> concurrent.futures.Future:
         """Queue samples; the future resolves to their SGLang-shaped results, in order."""
         future: concurrent.futures.Future = concurrent.futures.Future()
+        released = sorted(self._released & {"weights", "kv_cache"})
+        if released:  # on a GPU this memory now belongs to the trainer: generating would crash
+            raise protocol.RequestError(
+                f"cannot generate while {' and '.join(released)} "
+                f"{'is' if len(released) == 1 else 'are'} released; call "
+                "resume_memory_occupation first")
         for sample in samples:
             if len(sample.input_ids) >= self.context_len:
                 raise protocol.RequestError(
@@ -305,6 +311,16 @@ class CpuEngine:
             "model_type": getattr(config, "model_type", None),
             "architectures": getattr(config, "architectures", None),
         }
+
+    def load(self) -> dict:
+        """What the engine holds now, as one entry of SGLang's /v1/loads `loads` list (the
+        fields this engine has: requests decoding, requests queued, their tokens)."""
+        with self._lock:
+            waiting = [seq for seq in self._waiting if seq.finish is None]
+        running = [seq for seq in list(self._running) if seq.finish is None]
+        return {"dp_rank": 0, "num_running_reqs": len(running), "num_waiting_reqs": len(waiting),
+                "num_used_tokens": sum(len(seq.tokens) for seq in running),
+                "max_running_requests": self.max_running_requests}
 
     # ------------------------------------------------------------ weights
 

@@ -47,12 +47,12 @@ class WeightSender:
         self._peer_shards = PeerShards()
         self._peers_usable: bool | None = None
 
-    def buffers(self, bucket_bytes: int) -> list[BucketBuffer]:
-        """Two buffers of half the bucket size: one in flight while the other is packed."""
+    def buffers(self, bucket_bytes: int, device: torch.device) -> list[BucketBuffer]:
+        """Two buffers of half the bucket size on `device` (where the trainer's parameters
+        are): one in flight while the other is packed."""
         half = max(ALIGN, bucket_bytes // 2 // ALIGN * ALIGN)
         if not self._buffers or self._buffers[0].capacity != half:
-            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-            if device == "cpu":  # on this node, a crashed earlier run's buffers may still sit
+            if device.type == "cpu":  # on this node, a crashed earlier run's buffers may still sit
                 remove_stale_shm_files()
             self._buffers = []  # free the old ones before allocating new ones
             self._buffers = [BucketBuffer(half, device=device) for _ in range(2)]
@@ -117,7 +117,8 @@ class WeightSender:
                         if transport_class(plan.transport).passes_views and plan.share_parameters
                         else None)
         try:
-            asyncio.run(self._send(stream, plan, layout.pp_rank, report, by_reference))
+            asyncio.run(self._send(stream, plan, layout.pp_rank, report, by_reference,
+                                   worker.device))
         finally:
             for _ in range(layout.pp_size - layout.pp_rank if in_turn else 0):
                 torch.distributed.barrier(group=parallel_state.get_pipeline_model_parallel_group())
@@ -125,9 +126,10 @@ class WeightSender:
 
     async def _send(self, stream: Iterable[TensorGroup], plan: PushPlan,
                     pp_stage: int, report: PushReport,
-                    by_reference: Callable[[torch.Tensor], bool] | None) -> None:
-        transport = transport_class(plan.transport)(plan, pp_stage)
-        buckets = iter_buckets(stream, self.buffers(plan.bucket_bytes), by_reference)
+                    by_reference: Callable[[torch.Tensor], bool] | None,
+                    device: torch.device) -> None:
+        transport = transport_class(plan.transport)(plan, pp_stage, device)
+        buckets = iter_buckets(stream, self.buffers(plan.bucket_bytes, device), by_reference)
         in_flight: asyncio.Task | None = None
         try:
             await asyncio.wait_for(transport.open(), plan.timeout_s)

@@ -113,7 +113,7 @@ class PeerShards:
         if not all(everyone):
             return False
         try:
-            _hand_to_rank0(lambda: {"probe": torch.zeros(1).share_memory_()}, layout)
+            _hand_to_rank0(lambda: {"probe": torch.zeros(1, device="cpu").share_memory_()}, layout)
         except PeerShardsUnavailable as exc:
             log.warning("TP shards travel point to point: %s", str(exc))
             return False

@@ -46,8 +46,9 @@ class Transport:
     # True if buckets may carry tensors by reference (Bucket.views) instead of copied bytes.
     passes_views = False
 
-    def __init__(self, plan: PushPlan, pp_stage: int):
+    def __init__(self, plan: PushPlan, pp_stage: int, device: torch.device = torch.device("cpu")):
         self.plan, self.pp_stage = plan, pp_stage
+        self.device = device  # where the buckets live (the sender's parameters)
         self.clients = {t.url: HttpEngine(t.url, tp_size=t.tp_size, timeout_s=plan.timeout_s)
                         for t in plan.targets}
         self.targets = {t.url: t for t in plan.targets}
@@ -127,8 +128,8 @@ class DistributedTransport(Transport):
     name = "distributed"
     stages_in_turn = True
 
-    def __init__(self, plan: PushPlan, pp_stage: int):
-        super().__init__(plan, pp_stage)
+    def __init__(self, plan: PushPlan, pp_stage: int, device: torch.device = torch.device("cpu")):
+        super().__init__(plan, pp_stage, device)
         # Unique per push: an engine that missed a destroy must not refuse the next group.
         self.group_name = f"{plan.group_prefix}_v{plan.version}_pp{pp_stage}_{uuid.uuid4().hex[:8]}"
         self.group: WeightUpdateGroup | None = None
@@ -136,7 +137,7 @@ class DistributedTransport(Transport):
 
     async def open(self) -> None:
         # The buckets live where the trainer's parameters do (sender.py): NCCL between GPUs.
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
         # A dead member would stall the rendezvous until the timeout: leave out the engines
         # that do not answer /health now.
         healthy = await asyncio.gather(*(self.clients[u].health() for u in self.live))
@@ -232,8 +233,8 @@ def write_safetensors(bucket: Bucket, path: Path) -> None:
 class DiskTransport(Transport):
     name = "disk"
 
-    def __init__(self, plan: PushPlan, pp_stage: int):
-        super().__init__(plan, pp_stage)
+    def __init__(self, plan: PushPlan, pp_stage: int, device: torch.device = torch.device("cpu")):
+        super().__init__(plan, pp_stage, device)
         self.count = 0
 
     async def send(self, bucket: Bucket) -> None:
