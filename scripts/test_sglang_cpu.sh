@@ -50,5 +50,6 @@ fi
 
 # One thread per process (2 cores shared by the test process and the SGLang server).
 export OMP_NUM_THREADS=1
-exec "$VENV/bin/python" -m pytest tests/test_rollout_engine_contract.py -m sglang_cpu \
+exec "$VENV/bin/python" -m pytest tests/test_rollout_engine_contract.py \
+  tests/test_rollout_sglang_adapter.py -m sglang_cpu \
   -p no:cacheprovider -v --durations=0 "$@"

@@ -223,3 +223,43 @@ def test_checkpoint_before_the_first_step_resumes_with_a_fresh_optimizer(hf_dir,
     assert metrics["loss"] == pytest.approx(uninterrupted_metrics["loss"], abs=1e-6)
     for name, ref in uninterrupted_weights.items():
         torch.testing.assert_close(weights[name], ref, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def rank_load_as_te(rank, world, hf_dir, ckpt_dir):
+    """Save with the local spec, load into a model whose state has transformer-engine's
+    `_extra_state` entries (what the TE spec adds next to its layers' weights)."""
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    trained = PolicyWorker(policy_config(hf_dir))
+    trained.train_step(SEQUENCES, sft_loss)
+    trained.save_checkpoint(ckpt_dir)
+    fresh = PolicyWorker(policy_config(hf_dir))
+    plain = fresh.unwrapped.sharded_state_dict
+
+    def with_te_extra_state(*args, **kwargs):
+        sd = plain(*args, **kwargs)
+        key = "decoder.layers.self_attention.linear_qkv._extra_state"
+        sd[key] = ShardedObject(key, None, (1,), (0,), replica_id=0)
+        return sd
+
+    fresh.unwrapped.sharded_state_dict = with_te_extra_state
+    fresh.unwrapped.load_state_dict = _ignoring_extra_state(fresh.unwrapped.load_state_dict)
+    fresh.load_checkpoint(ckpt_dir, with_optimizer=False)
+    return hf_weights(trained), hf_weights(fresh)
+
+
+def _ignoring_extra_state(load_state_dict):
+    """The local model has no `_extra_state` keys to report as missing: as TE's would, it
+    reports the dropped ones."""
+    def load(state, strict=True):
+        result = load_state_dict(state, strict=strict)
+        result.missing_keys.append("decoder.layers.0.self_attention.linear_qkv._extra_state")
+        return result
+    return load
+
+
+def test_a_local_spec_checkpoint_loads_where_te_expects_extra_state(hf_dir, tmp_path):
+    trained, loaded = run_forked(rank_load_as_te, 1, hf_dir, tmp_path / "ckpt")[0]
+    assert trained.keys() == loaded.keys()
+    for name in trained:
+        torch.testing.assert_close(loaded[name], trained[name], atol=0, rtol=0)

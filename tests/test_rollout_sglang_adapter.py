@@ -79,3 +79,27 @@ def test_real_sglang_server_generates_with_forward_pass_logprobs(tmp_path):
         torch.testing.assert_close(torch.tensor(result.output_logprobs), expected, atol=1e-3, rtol=0)
     finally:
         process.kill()
+
+
+@pytest.mark.sglang_cpu
+def test_sglangs_own_server_args_parse_our_command_line():
+    """What the Ray engine host launches (TP 2, GPUs from index 0 of its own visible list, the
+    memory saver for colocated release/resume), read back by SGLang's own ServerArgs parser."""
+    server_args = pytest.importorskip("sglang.srt.server_args")
+    import argparse
+
+    process = SGLangEngineProcess("/models/r1-7b", tp_size=2, mem_fraction_static=0.6,
+                                  random_seed=11, base_gpu_id=0, port=31001,
+                                  enable_memory_saver=True, weight_version="v3", check_install=False,
+                                  env={"CUDA_VISIBLE_DEVICES": "5,6"},
+                                  extra_args=["--attention-backend", "torch_native"])
+    cmd = process.command()
+    assert cmd[1:3] == ["-m", "sglang.launch_server"]
+    parser = argparse.ArgumentParser()
+    server_args.ServerArgs.add_cli_args(parser)
+    parsed = parser.parse_args(cmd[3:])
+    assert (parsed.model_path, parsed.tp_size, parsed.base_gpu_id) == ("/models/r1-7b", 2, 0)
+    assert (parsed.port, parsed.random_seed, parsed.mem_fraction_static) == (31001, 11, 0.6)
+    assert parsed.enable_memory_saver and parsed.skip_tokenizer_init
+    assert parsed.weight_version == "v3" and parsed.attention_backend == "torch_native"
+    assert process.env["CUDA_VISIBLE_DEVICES"] == "5,6"

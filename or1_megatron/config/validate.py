@@ -60,8 +60,10 @@ def validate(cfg: OR1Config, source: str) -> None:
            f"{s.pause_mode!r} is not one of {SYNC_PAUSE_MODES}")
     _check(s.bucket_mb * (1 << 20) >= 1024, source, "sync.bucket_mb",
            f"must be at least 1 KiB (0.001), got {s.bucket_mb}")
-    _check(s.verify_tolerance > 0, source, "sync.verify_tolerance",
-           f"must be > 0, got {s.verify_tolerance}")
+    _check(s.verify_tolerance >= 0, source, "sync.verify_tolerance",
+           f"must be >= 0 (0: by model.dtype), got {s.verify_tolerance}")
+    _check(s.verify_mean_tolerance >= 0, source, "sync.verify_mean_tolerance",
+           f"must be >= 0 (0: by model.dtype), got {s.verify_mean_tolerance}")
     _check(s.verify_prompts >= 1 and s.verify_new_tokens >= 1, source, "sync.verify_prompts",
            "verify_prompts and verify_new_tokens must be >= 1")
     _check(s.timeout_s > 0, source, "sync.timeout_s", f"must be > 0, got {s.timeout_s}")
@@ -112,6 +114,22 @@ def _validate_training(cfg: OR1Config, source: str) -> None:
            f"{r.placement!r} is not one of {PLACEMENTS}")
     _check(r.engines >= 1, source, "rollout.engines", f"must be >= 1, got {r.engines}")
     _check(r.engine_tp >= 1, source, "rollout.engine_tp", f"must be >= 1, got {r.engine_tp}")
+    _check(r.backend != "torch" or r.engine_tp == 1, source, "rollout.engine_tp",
+           f"the torch engine runs on one GPU (engine_tp=1), got {r.engine_tp}; use "
+           "rollout.backend=sglang for tensor-parallel engines")
+    world = cfg.parallel.world_size
+    colocated = r.placement == "colocated"
+    _check(not colocated or world % r.engine_tp == 0, source, "rollout.engine_tp",
+           f"colocated engines use the policy ranks' devices: engine_tp={r.engine_tp} must "
+           f"divide parallel.world_size={world}")
+    on_gpus = r.backend in ("sglang", "torch")
+    _check(not (on_gpus and colocated and r.engines * r.engine_tp > world), source,
+           "rollout.engines", f"{r.engines} colocated engines x engine_tp {r.engine_tp} need "
+           f"more GPUs than the {world} policy ranks hold")
+    _check(not (on_gpus and colocated and cfg.sync.transport == "distributed"), source,
+           "sync.transport", "distributed (NCCL) with colocated GPU engines would put a policy "
+           "rank and its engine on one GPU in one NCCL group; use colocated (CUDA IPC) or "
+           "rollout.placement=disaggregated")
     _check(r.temperature > 0, source, "rollout.temperature", f"must be > 0, got {r.temperature}")
     _check(0 < r.top_p <= 1, source, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _check(0 < r.mem_fraction < 1, source, "rollout.mem_fraction",

@@ -4,9 +4,8 @@ The engine server (`or1 serve` on CPU, SGLang on GPUs) runs as a process of the 
 placement group gives it; a small `_EngineHost` actor owns the process there, and the driver
 sees a `RayEngineProcess`: the launcher's EngineProcess interface (start, wait_ready, alive,
 kill, restart, log_tail, url) forwarded to the host, so the router and the weight-sync
-coordinator restart a crashed engine wherever it lives. Colocated engines share the bundles of
-the policy ranks (no CPUs of their own; on GPUs the same devices); disaggregated ones get
-bundles of their own after the policy's.
+coordinator restart a crashed engine wherever it lives. Which bundles and GPUs each engine gets
+is placement.py's decision.
 """
 from __future__ import annotations
 
@@ -18,6 +17,7 @@ import ray
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from or1_megatron.config.schema import OR1Config
+from or1_megatron.controller.placement import GPU_BACKENDS, Placement, bundle_gpu_ids
 from or1_megatron.rollout.launcher import EngineProcess
 
 
@@ -30,20 +30,35 @@ def resolved_backend(config: OR1Config) -> str:
 
 
 class _EngineHost:
-    """Owns one engine server process on this actor's node."""
+    """Owns one engine server process on this actor's node.
 
-    def __init__(self, backend: str, model_path: str, options: dict[str, Any]):
+    A GPU engine sees exactly `visible_gpus` (the GPUs of its bundles; by default the ones Ray
+    gave this actor) and addresses them from index 0."""
+
+    def __init__(self, backend: str, model_path: str, options: dict[str, Any],
+                 visible_gpus: list[str] | None = None):
         host = ray.util.get_node_ip_address()
-        if backend == "cpu":
-            from or1_megatron.rollout.launcher import CpuEngineProcess
-
-            self.process: EngineProcess = CpuEngineProcess(model_path, host=host, **options)
-        else:
+        self.visible_gpus: list[str] = []
+        if backend in GPU_BACKENDS:
+            self.visible_gpus = visible_gpus or [str(g) for g in ray.get_gpu_ids()]
+            options = {**options, "env": {"CUDA_VISIBLE_DEVICES": ",".join(self.visible_gpus)}}
+        if backend == "sglang":
             from or1_megatron.rollout.sglang_adapter import SGLangEngineProcess
 
-            gpu_ids = ray.get_gpu_ids()
-            base = int(gpu_ids[0]) if gpu_ids else 0
-            self.process = SGLangEngineProcess(model_path, host=host, base_gpu_id=base, **options)
+            self.process: EngineProcess = SGLangEngineProcess(model_path, host=host, base_gpu_id=0,
+                                                              **options)
+        else:
+            from or1_megatron.rollout.launcher import CpuEngineProcess
+
+            self.process = CpuEngineProcess(model_path, host=host, **options)
+
+    def gpu_view(self) -> dict[str, Any]:
+        """What the engine process will see: its CUDA_VISIBLE_DEVICES and the GPU indices it
+        uses inside that list."""
+        tp = getattr(self.process, "tp_size", 1)
+        base = getattr(self.process, "base_gpu_id", 0)
+        return {"CUDA_VISIBLE_DEVICES": self.process.env.get("CUDA_VISIBLE_DEVICES"),
+                "uses": list(range(base, base + tp)) if self.visible_gpus else []}
 
     def address(self) -> tuple[str, int, str]:
         return self.process.host, self.process.port, str(self.process.log_path)
@@ -114,42 +129,40 @@ class RayEngineProcess(EngineProcess):
         return str(self._call("log_tail", lines))
 
 
-def engine_bundles(config: OR1Config) -> list[dict[str, float]]:
-    """Bundles the engines add to the placement group (none when colocated)."""
+def engine_options(config: OR1Config, backend: str, index: int, colocated: bool) -> dict[str, Any]:
+    """The engine process's options (its server's command line) for engine `index`."""
     r = config.rollout
-    if r.placement == "colocated":
-        return []
-    gpu = {"GPU": float(r.engine_tp)} if resolved_backend(config) == "sglang" else {}
-    return [{"CPU": 1.0, **gpu} for _ in range(r.engines)]
+    if backend == "sglang":
+        return {"tp_size": r.engine_tp, "random_seed": config.run.seed + index,
+                "mem_fraction_static": r.mem_fraction, "extra_args": list(r.extra_args),
+                "enable_memory_saver": colocated}
+    options: dict[str, Any] = {"random_seed": config.run.seed + index,
+                               "num_threads": r.engine_threads, "extra_args": list(r.extra_args)}
+    if backend == "torch":  # `or1 serve` on the GPU, in the policy's dtype
+        options["device"] = "cuda"
+        options["dtype"] = "bfloat16" if config.model.dtype == "bf16" else "float32"
+    return options
 
 
-def start_engines(config: OR1Config, model_path: str, placement_group: Any, log_dir: str
-                  ) -> list[RayEngineProcess]:
+def start_engines(config: OR1Config, model_path: str, placement_group: Any, placement: Placement,
+                  log_dir: str, start: bool = True) -> list[RayEngineProcess]:
     """Create the engines' host actors in their bundles and start the servers (not yet ready)."""
     r, backend = config.rollout, resolved_backend(config)
-    world = config.parallel.world_size
+    colocated = r.placement == "colocated"
     engines = []
-    for i in range(r.engines):
-        colocated = r.placement == "colocated"
-        bundle = (i * r.engine_tp) % world if colocated else world + i
-        if backend == "cpu":
-            options: dict[str, Any] = {"random_seed": config.run.seed + i,
-                                       "num_threads": r.engine_threads,
-                                       "extra_args": list(r.extra_args)}
-            gpus = 0.0
-        else:
-            options = {"tp_size": r.engine_tp, "random_seed": config.run.seed + i,
-                       "mem_fraction_static": r.mem_fraction, "extra_args": list(r.extra_args),
-                       "enable_memory_saver": colocated}
-            # Colocated: a sliver of the bundle's GPU tells the host which device it is on.
-            gpus = 0.01 if colocated else float(r.engine_tp)
+    for slot in placement.engines:
+        # Colocated GPU engines span several policy bundles: find the GPU of each.
+        visible = (bundle_gpu_ids(placement_group, slot.bundles)
+                   if placement.gpu_engines and colocated else None)
+        options = engine_options(config, backend, slot.index, colocated)
         host = ray.remote(_EngineHost).options(
-            num_cpus=0, num_gpus=gpus, max_restarts=0,
+            num_cpus=0, num_gpus=slot.host_gpus, max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group, placement_group_bundle_index=bundle),
+                placement_group, placement_group_bundle_index=slot.bundles[0]),
         ).remote(backend, model_path, {**options, "log_dir": log_dir,
-                                       "start_timeout_s": r.start_timeout_s})
+                                       "start_timeout_s": r.start_timeout_s}, visible)
         engine = RayEngineProcess(host, tp_size=r.engine_tp, start_timeout_s=r.start_timeout_s)
-        engine.start()
+        if start:
+            engine.start()
         engines.append(engine)
     return engines

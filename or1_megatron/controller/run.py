@@ -18,9 +18,10 @@ from or1_megatron.config.stages import total_steps
 from or1_megatron.controller import ranks
 from or1_megatron.controller.checkpoints import CheckpointDirs
 from or1_megatron.controller.data import base_model_path, load_training_data
-from or1_megatron.controller.engines import engine_bundles, start_engines
+from or1_megatron.controller.engines import resolved_backend, start_engines
 from or1_megatron.controller.loop import StopFlag, Trainer
 from or1_megatron.controller.metrics import MetricsWriter
+from or1_megatron.controller.placement import Placement, plan_placement
 from or1_megatron.convert.hf_config import load_arch
 from or1_megatron.errors import OR1Error
 
@@ -46,22 +47,45 @@ def _start_ray(config: OR1Config) -> None:
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
 
 
-def _placement_group(config: OR1Config) -> Any:
+def _placement_group(config: OR1Config, placement: Placement) -> Any:
     import ray
     from ray.util.placement_group import placement_group
 
-    gpu = {"GPU": 1.0} if _has_gpu() else {}
-    bundles = [{"CPU": 1.0, **gpu} for _ in range(config.parallel.world_size)]
-    engines = engine_bundles(config)
-    group = placement_group(bundles + engines, strategy="PACK")
+    group = placement_group(placement.bundles, strategy="PACK")
     try:
         ray.get(group.ready(), timeout=config.rollout.start_timeout_s)
     except ray.exceptions.GetTimeoutError:
-        raise OR1Error(f"Ray could not place {len(bundles)} policy ranks and "
-                       f"{len(engines)} engine bundles within "
-                       f"{config.rollout.start_timeout_s:.0f} s; cluster resources: "
-                       f"{ray.cluster_resources()}") from None
+        ray.util.remove_placement_group(group)
+        raise OR1Error(f"Ray could not place {placement.world} policy ranks and "
+                       f"{len(placement.bundles) - placement.world} engine bundles "
+                       f"({placement.bundles}) within {config.rollout.start_timeout_s:.0f} s; "
+                       f"cluster resources: {ray.cluster_resources()}") from None
     return group
+
+
+def run_placement(config: OR1Config) -> Placement:
+    """This run's placement on this machine's devices; refuses what cannot run on GPUs."""
+    backend = resolved_backend(config)
+    placement = plan_placement(config, backend, gpus=_has_gpu())
+    if (placement.gpu_engines and config.rollout.placement == "colocated"
+            and config.sync.transport == "distributed"):
+        raise OR1Error("sync.transport=distributed with rollout.placement=colocated on GPUs "
+                       "would put a policy rank and its engine on one GPU in one NCCL group "
+                       "(NCCL refuses that); use sync.transport=colocated (CUDA IPC) or "
+                       "rollout.placement=disaggregated")
+    world, r = config.parallel.world_size, config.rollout
+    if placement.gpu_engines and r.placement == "colocated" and world > 1:
+        # Each engine TP rank must get CUDA IPC handles from the policy rank on its own GPU
+        # (a handle of another GPU cannot be opened where only one GPU is visible); the sender
+        # packs on one rank per stage today.
+        raise OR1Error(f"colocated GPU engines with {world} policy ranks are not built yet: "
+                       "CUDA IPC handles come from one rank per pipeline stage, which only the "
+                       "engine on that rank's GPU can open; use parallel.world_size=1, or "
+                       "rollout.placement=disaggregated with sync.transport=distributed (NCCL)")
+    if placement.gpu_engines and r.placement == "colocated" and r.engines * r.engine_tp > world:
+        raise OR1Error(f"{r.engines} colocated engines x engine_tp {r.engine_tp} need more GPUs "
+                       f"than the {world} policy ranks hold")
+    return placement
 
 
 def checkpoint_to_resume(run_dir: Path, resume: str) -> Path | None:
@@ -84,16 +108,16 @@ async def train(config: OR1Config, run_dir: Path, resume: str, stop: StopFlag) -
     hf_path = base_model_path(config, run_dir)
     config.model.hf_path = hf_path
     save_resolved_config(config, run_dir)
+    placement = run_placement(config)
     _start_ray(config)
     stop.install()
-    group = _placement_group(config)
+    group = _placement_group(config, placement)
     policy = engines = session = coordinator = metrics = None
     try:
-        engines = start_engines(config, hf_path, group, str(run_dir / "engine_logs"))
+        engines = start_engines(config, hf_path, group, placement, str(run_dir / "engine_logs"))
         log.info("starting %d policy ranks", config.parallel.world_size)
         policy = RayRankGroup(config.parallel.world_size, ranks.setup_policy_rank, config,
-                              placement_group=group,
-                              gpus_per_rank=1.0 if _has_gpu() else 0.0,
+                              placement_group=group, gpus_per_rank=placement.rank_gpus,
                               timeout_s=max(config.sync.timeout_s, 600.0))
         session = SamplingSession(hf_path, engines, reward_config=RewardConfig(),
                                   request_timeout_s=config.sync.timeout_s,
@@ -101,7 +125,8 @@ async def train(config: OR1Config, run_dir: Path, resume: str, stop: StopFlag) -
         coordinator = WeightSyncCoordinator(engines, config.sync,
                                             vocab_size=load_arch(hf_path).vocab_size,
                                             hf_config_dir=hf_path, run_dir=str(run_dir),
-                                            engine_tp_size=config.rollout.engine_tp)
+                                            engine_tp_size=config.rollout.engine_tp,
+                                            dtype=config.model.dtype)
         resumed_step, saved = 0, None
         if resume_from is not None:
             log.info("resuming from %s", resume_from)

@@ -44,10 +44,10 @@ def free_port() -> int:
 BACKENDS = ("gloo", "nccl")
 
 
-def start_method() -> str:
-    """"fork" (fast), or "spawn" where this process has initialised CUDA (a forked child
-    cannot use CUDA then)."""
-    return "spawn" if torch.cuda.is_initialized() else "fork"
+def start_method(backend: str = "gloo") -> str:
+    """"fork" (fast) for CPU ranks; "spawn" for GPU ranks, and wherever this process has
+    initialised CUDA (a forked child cannot use CUDA then)."""
+    return "spawn" if backend == "nccl" or torch.cuda.is_initialized() else "fork"
 
 
 def check_backend(backend: str, world_size: int) -> None:
@@ -97,13 +97,14 @@ def run_forked(
 ) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` ranks joined by ``backend``.
 
-    The ranks are forked (spawned where this process has initialised CUDA; `method` overrides).
+    The ranks are forked (spawned for NCCL and where this process has initialised CUDA;
+    `method` overrides).
     Returns the per-rank return values (CPU only) in rank order. Raises RankFailed with the
     failing rank's traceback if any rank raises, returns a non-CPU tensor, dies or does not
     finish within ``timeout_s``.
     """
     check_backend(backend, world_size)
-    ctx = mp.get_context(method or start_method())
+    ctx = mp.get_context(method or start_method(backend))
     results = ctx.Queue()
     port = free_port()
     procs = [

@@ -53,7 +53,7 @@ class RankGroup:
 
     def __init__(self, world_size: int, setup: Callable[..., Any], *args: Any,
                  backend: str = "gloo", timeout_s: float = 300.0):
-        self._method = start_method()  # spawn where this process has initialised CUDA
+        self._method = start_method(backend)  # spawn for GPU ranks or after CUDA init
         ctx = mp.get_context(self._method)
         self.world_size = world_size
         self.backend = backend

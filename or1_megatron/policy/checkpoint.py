@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from or1_megatron.convert.hf_config import Qwen2Arch
@@ -121,6 +122,21 @@ def check_compatible(state: PolicyState, directory: str | Path) -> dict[str, Any
     return meta
 
 
+def _saved_keys(directory: Path) -> set[str]:
+    return set(load_sharded_metadata(str(directory)))
+
+
+def drop_absent_extra_state(model_sd: dict[str, Any], saved_keys: set[str]) -> list[str]:
+    """Remove from a loading template the `_extra_state` entries (transformer-engine's FP8
+    metadata) that the checkpoint lacks (one saved by the local spec, or by the converter), so
+    it loads under TE; returns their state-dict keys. Parameters are never dropped."""
+    absent = [name for name, value in model_sd.items()
+              if name.endswith("_extra_state") and getattr(value, "key", name) not in saved_keys]
+    for name in absent:
+        del model_sd[name]
+    return absent
+
+
 def load_checkpoint(state: PolicyState, directory: str | Path) -> dict[str, Any]:
     """Collective: fill the model (and optimizer/scheduler, if `state` has them) at this layout.
 
@@ -133,8 +149,13 @@ def load_checkpoint(state: PolicyState, directory: str | Path) -> dict[str, Any]
     template = _sharded_state(state, is_loading=True)
     template["extra_state"] = None
     template["steps_done"] = None
+    absent = drop_absent_extra_state(template["model"], _saved_keys(directory))
     loaded = dist_checkpointing.load(template, str(directory))
-    state.model.load_state_dict(loaded["model"])
+    missing, unexpected = state.model.load_state_dict(loaded["model"], strict=False)
+    wrong = [k for k in missing if k not in absent] + list(unexpected)
+    if wrong:
+        raise CheckpointError(f"{directory}: the model's parameters do not match the checkpoint: "
+                              f"{wrong[:5]}")
     if state.has_optimizer:
         state.optimizer.load_state_dict(loaded["optimizer"])
         state.scheduler.load_state_dict(loaded["scheduler"])

@@ -63,25 +63,40 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     parser.add_argument("--dp", type=int, default=1, help="data parallel size")
     parser.add_argument("--hf-path", help="HF Qwen2 checkpoint dir (default: a tiny random one)")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="cuda: one GPU per rank over NCCL (auto: cuda if enough GPUs)")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
+                        help="default: bf16 on GPUs, fp32 on CPU")
     args = parser.parse_args(argv)
 
     from or1_megatron.convert.hf_config import load_arch
-    from or1_megatron.distributed.fork_launcher import run_forked
+    from or1_megatron.distributed.fork_launcher import LaunchError, check_backend, run_forked
     from or1_megatron.policy.oracle import transformers_oracle
-    from or1_megatron.policy import worker as _preload  # noqa: F401  (import megatron once, then fork)
     from or1_megatron.tiny_model import make_tiny_qwen2
 
+    world = args.tp * args.pp * args.dp
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = args.device if args.device != "auto" else ("cuda" if gpus >= world else "cpu")
+    backend = "nccl" if device == "cuda" else "gloo"
+    try:
+        check_backend(backend, world)
+    except LaunchError as exc:
+        print(f"or1 check: error: {exc}")
+        return 2
+    dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    if device == "cpu":
+        # Import megatron once here, then fork the CPU ranks (GPU ranks are spawned: a process
+        # that imported megatron has initialised CUDA and cannot fork GPU ranks).
+        from or1_megatron.policy import worker as _preload  # noqa: F401
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         hf_path = args.hf_path or str(make_tiny_qwen2(Path(tmp) / "tiny_qwen2", num_layers=4))
         vocab = load_arch(hf_path).vocab_size
-        world = args.tp * args.pp * args.dp
         print(f"or1 check: policy {hf_path} at TP={args.tp} PP={args.pp} DP={args.dp} "
-              f"({world} ranks, {'GPU' if torch.cuda.is_available() else 'CPU/gloo'}), dtype {args.dtype}")
+              f"({world} ranks on {device}, {backend}), dtype {dtype}")
         start = time.perf_counter()
-        single = run_forked(_rank, 1, hf_path, 1, 1, args.dtype, vocab)[0]
-        parallel = [r for r in run_forked(_rank, world, hf_path, args.tp, args.pp, args.dtype, vocab)]
+        single = run_forked(_rank, 1, hf_path, 1, 1, dtype, vocab, backend=backend)[0]
+        parallel = run_forked(_rank, world, hf_path, args.tp, args.pp, dtype, vocab, backend=backend)
         last = next(r for r in reversed(parallel) if r["logprob"] is not None)
         oracle = torch.cat([o["logprob"] for o in transformers_oracle(hf_path, _sequences(vocab))])
         elapsed = time.perf_counter() - start
@@ -93,7 +108,7 @@ def main(argv: list[str]) -> int:
         "grad norm parallel vs single (relative)":
             abs(last["metrics"]["grad_norm"] / single["metrics"]["grad_norm"] - 1),
     }
-    tolerance = TOLERANCE if args.dtype == "fp32" else 5e-2
+    tolerance = TOLERANCE if dtype == "fp32" else 5e-2
     ok = True
     for name, value in checks.items():
         verdict = "ok" if value <= tolerance else "FAILED"

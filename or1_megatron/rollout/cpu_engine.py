@@ -89,12 +89,17 @@ class CpuEngine:
         weight_version: str = "default",
         served_model_name: str | None = None,
         dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
     ):
         from transformers import AutoModelForCausalLM
 
         self.model_path = str(model_path)
         self.served_model_name = served_model_name or self.model_path
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=dtype).eval()
+        self.model.to(self.device)
         self.model.requires_grad_(False)
         self.tokenizer = _load_tokenizer(self.model_path)
         self.weight_version = weight_version
@@ -167,7 +172,7 @@ class CpuEngine:
             seed = sample.params.sampling_seed
             with self._lock:
                 seed = self._rng.randrange(1 << 62) if seed is None else seed
-            generator = torch.Generator().manual_seed(seed)
+            generator = torch.Generator(device=self.device).manual_seed(seed)
             seqs.append(_Seq(sample, generator, lambda s, i=i: done(i, s)))
         if not seqs:
             future.set_result([])
@@ -233,11 +238,13 @@ class CpuEngine:
     def init_weights_update_group(self, req: protocol.InitWeightsUpdateGroupReqInput) -> str:
         if req.group_name in self._groups:
             raise EngineCommandError(f"weight update group {req.group_name!r} already exists")
-        if req.backend not in ("gloo",):
-            raise EngineCommandError(f"backend {req.backend!r} needs GPUs; the CPU engine uses 'gloo'")
+        usable = ("gloo", "nccl") if self.device.type == "cuda" else ("gloo",)
+        if req.backend not in usable:
+            raise EngineCommandError(f"backend {req.backend!r} needs a GPU engine; this engine "
+                                     f"runs on {self.device} and uses {' or '.join(usable)}")
         self._groups[req.group_name] = WeightUpdateGroup(
             req.master_address, req.master_port, rank=req.rank_offset,
-            world_size=req.world_size, group_name=req.group_name)
+            world_size=req.world_size, group_name=req.group_name, backend=req.backend)
         return f"Joined weight update group {req.group_name!r} as rank {req.rank_offset}."
 
     def update_weights_from_distributed(self, req: protocol.UpdateWeightsFromDistributedReqInput) -> str:
@@ -285,8 +292,10 @@ class CpuEngine:
                                      "pause generation first")
         if "weights" in tags and "weights" not in self._released:
             for param in self._params.values():
-                param.data = torch.empty(0, dtype=param.dtype)
+                param.data = torch.empty(0, dtype=param.dtype, device=self.device)
         self._released.update(tags)
+        if self.device.type == "cuda":  # hand the memory to the colocated trainer for real
+            torch.cuda.empty_cache()
         return f"Released {sorted(tags)}."
 
     def resume_memory_occupation(self, tags: tuple[str, ...]) -> str:
@@ -294,7 +303,7 @@ class CpuEngine:
             # Like SGLang without a CPU backup, resumed weights hold no values until an update.
             for name, param in self._params.items():
                 shape, dtype = self._shapes[name]
-                param.data = torch.zeros(shape, dtype=dtype)
+                param.data = torch.zeros(shape, dtype=dtype, device=self.device)
         self._released.difference_update(tags)
         return f"Resumed {sorted(tags)}."
 
@@ -426,11 +435,13 @@ class CpuEngine:
 
         tokens = [seq.tokens for seq in active]
         width = max(len(t) for t in tokens)
-        input_ids = torch.full((len(active), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(active), width), dtype=torch.long)
+        host = torch.device("cpu")
+        input_ids = torch.full((len(active), width), self.pad_id, dtype=torch.long, device=host)
+        mask = torch.zeros((len(active), width), dtype=torch.long, device=host)
         for row, toks in enumerate(tokens):  # left padding keeps every row's last token aligned
-            input_ids[row, width - len(toks):] = torch.tensor(toks)
+            input_ids[row, width - len(toks):] = torch.tensor(toks, device=host)
             mask[row, width - len(toks):] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         logits = self._forward(input_ids, mask, positions, cache)
@@ -445,12 +456,13 @@ class CpuEngine:
             if self._interrupt_wave() or not keep:
                 break
             if len(keep) < len(active):
-                index = torch.tensor(keep)
+                index = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(index)
                 mask, positions = mask[index], positions[index]
                 active = [active[row] for row in keep]
-            step_ids = torch.tensor([[seq.output_ids[-1]] for seq in active])
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)
+            step_ids = torch.tensor([[seq.output_ids[-1]] for seq in active], device=self.device)
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype,
+                                               device=self.device)], dim=1)
             positions = positions[:, -1:] + 1
             logits = self._forward(step_ids, mask, positions, cache)
         # Rows still unfinished here were retracted (back in `_waiting`) or the engine stops.

@@ -126,13 +126,17 @@ class EngineProcess:
 
 
 class CpuEngineProcess(EngineProcess):
-    """`or1 serve` (the CPU engine) as a server process."""
+    """`or1 serve` (the torch engine: on the CPU, or on the GPU with device="cuda") as a server
+    process."""
 
     def __init__(self, model_path: str | Path, *, random_seed: int = 0, num_threads: int = 1,
                  max_running_requests: int = 64, weight_version: str = "default",
+                 device: str = "cpu", dtype: str = "float32",
                  extra_args: list[str] | None = None, **kwargs):
         super().__init__(**kwargs)
         self.model_path = str(model_path)
+        self.device = device
+        self.dtype = dtype
         self.random_seed = random_seed
         self.num_threads = num_threads
         self.max_running_requests = max_running_requests
@@ -148,7 +152,8 @@ class CpuEngineProcess(EngineProcess):
                 "--model-path", self.model_path, "--host", self.host, "--port", str(self.port),
                 "--random-seed", str(self.random_seed), "--num-threads", str(self.num_threads),
                 "--max-running-requests", str(self.max_running_requests),
-                "--weight-version", self.weight_version, "--exit-with-parent", *self.extra_args]
+                "--weight-version", self.weight_version, "--device", self.device,
+                "--dtype", self.dtype, "--exit-with-parent", *self.extra_args]
 
 
 class AttachedEngine(EngineProcess):

@@ -227,7 +227,8 @@ def build_app(engine: CpuEngine) -> web.Application:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="or1 serve", description="Serve a Hugging Face causal LM on CPU with SGLang's HTTP API.")
+        prog="or1 serve",
+        description="Serve a Hugging Face causal LM with SGLang's HTTP API (CPU, or a GPU).")
     parser.add_argument("--model-path", required=True, help="local Hugging Face model directory")
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument("--host", default="127.0.0.1")
@@ -236,6 +237,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--weight-version", default="default")
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, or cuda: the same engine on this process's first visible GPU")
     parser.add_argument("--num-threads", type=int, default=None,
                         help="torch threads (default: torch's choice)")
     parser.add_argument("--log-level", default="warning")
@@ -268,7 +271,8 @@ def main(argv: list[str]) -> int:
     engine = CpuEngine(args.model_path, random_seed=args.random_seed,
                        max_running_requests=args.max_running_requests,
                        weight_version=args.weight_version,
-                       served_model_name=args.served_model_name, dtype=getattr(torch, args.dtype))
+                       served_model_name=args.served_model_name, dtype=getattr(torch, args.dtype),
+                       device=args.device)
     engine.start()
     print(f"or1 serve: {args.model_path} on http://{args.host}:{args.port} (pid {os.getpid()})",
           flush=True)

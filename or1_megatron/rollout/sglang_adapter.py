@@ -58,7 +58,8 @@ def check_sglang_install() -> str:
 
 
 class SGLangEngineProcess(EngineProcess):
-    """`python -m sglang.launch_server` for one engine (tp_size GPUs from base_gpu_id)."""
+    """`python -m sglang.launch_server` for one engine: tp_size GPUs from base_gpu_id, an index
+    into the process's CUDA_VISIBLE_DEVICES (`env`), never a physical id."""
 
     def __init__(self, model_path: str | Path, *, tp_size: int = 1,
                  mem_fraction_static: float | None = None, random_seed: int = 0,
@@ -67,8 +68,7 @@ class SGLangEngineProcess(EngineProcess):
                  python: str = sys.executable, extra_args: list[str] | None = None,
                  check_install: bool = True, **kwargs):
         super().__init__(**kwargs)
-        if check_install:
-            check_sglang_install()
+        self.check_install = check_install
         self.model_path = str(model_path)
         self.tp_size = tp_size
         self.mem_fraction_static = mem_fraction_static
@@ -80,6 +80,12 @@ class SGLangEngineProcess(EngineProcess):
         self.skip_tokenizer_init = skip_tokenizer_init
         self.python = python
         self.extra_args = list(extra_args or [])
+
+    def start(self) -> None:
+        """Start the server, after checking that SGLang fits the installed torch."""
+        if self.check_install:
+            check_sglang_install()
+        super().start()
 
     def command(self) -> list[str]:
         cmd = [self.python, "-m", "sglang.launch_server",

@@ -54,7 +54,7 @@ class WeightSyncCoordinator:
 
     def __init__(self, engines: Sequence[EngineProcess], config: SyncConfig, *, vocab_size: int,
                  hf_config_dir: str | None = None, run_dir: str = "", engine_tp_size: int = 1,
-                 max_repairs: int = 2, router: RolloutRouter | None = None):
+                 max_repairs: int = 2, router: RolloutRouter | None = None, dtype: str = "fp32"):
         if not engines:
             raise ValueError("a weight sync needs at least one engine")
         self.engines = list(engines)
@@ -67,6 +67,8 @@ class WeightSyncCoordinator:
         # while a sync owns them (this sync restarts failed engines itself).
         self.router = router
         self.transport = transport_class(config.transport)
+        self.tolerance = probe.tolerance(dtype, config.verify_tolerance,
+                                         config.verify_mean_tolerance)
         self.disk_root = Path(config.disk_dir or Path(run_dir or ".") / "weight_sync")
         self.clients = [self._client(p) for p in self.engines]
         self.version = 0
@@ -277,7 +279,7 @@ class WeightSyncCoordinator:
         trainer = dict(zip(sequences, scores))
         return {self.engines[i].url: probe.compare(f"{self._label(i)} at weight version "
                                                    f"{self.version}", prompts, results, trainer,
-                                                   self.config.verify_tolerance)
+                                                   self.tolerance)
                 for i, results in enumerate(per_engine)}
 
     async def close(self) -> None:
