@@ -13,7 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("or1_megatron.config.command", "load, validate and print a resolved config"),
     "check": ("or1_megatron.policy.smoke", "build the policy at a TP/PP layout and check it on CPU"),
     "convert": ("or1_megatron.convert.checkpoint_tool", "convert checkpoints between Hugging Face and Megatron"),
-    "serve": ("or1_megatron.rollout.server", "serve a model on CPU with SGLang's HTTP API (the CPU rollout engine)"),
+    "serve": ("or1_megatron.rollout.server", "serve a model with SGLang's HTTP API (the torch rollout engine; CPU or --device cuda)"),
     "train": ("or1_megatron.controller.command", "run OR1 training (Ray, Megatron policy, rollout engines)"),
     "plan": ("or1_megatron.plan.command", "memory per GPU and step time of a config on N nodes"),
     "eval": ("or1_megatron.eval.command", "avg@k / pass@k of a model on evaluation data, per data source"),

@@ -1,40 +1,89 @@
 #!/usr/bin/env bash
-# The GPU checks in one run, for a machine with one CUDA GPU and torch + Triton preinstalled
-# (the project's borrowed H200: about 5 of its 15 minutes). Nothing is fetched from a network:
-# packages the machine lacks (megatron-core for the policy tests) travel as wheels in .whl/.
+# The GPU checks in one prepared run (at most ~8 minutes on one H200), for a machine with one or
+# more CUDA GPUs and torch + Triton preinstalled. Nothing is fetched from a network: what the
+# machine lacks (megatron-core, omegaconf, math-verify, Ray, ...) travels in .gpu-carry/, made on
+# a CPU machine by `bash ../shared/gpu/pack.sh .gpu-carry` and named in the device tool's carry.
 #
-#   OUT=/some/dir bash scripts/gpu_checks.sh      # from the repository root
+#   OUT=/some/dir bash scripts/gpu_checks.sh          # from the repository root, on the GPU machine
+#   DRY_RUN=1 bash scripts/gpu_checks.sh              # anywhere: print and check every step
 #
-# 1. the Triton log-prob/entropy and loss kernels against the torch oracle (tests marked gpu);
-# 2. the kernel profile at a 7B-like shape (fused vs naive memory and time, side by side);
-# 3. with megatron-core importable: the policy's GPU tests (TE layer spec where installed) and
-#    the NCCL weight-update group (skips on one GPU).
-# Each step's output goes to $OUT/<step>.txt; the exit status is 1 if any step failed.
+# Steps (each keeps its output in $OUT/<step>.txt, whose last line is machine-readable:
+#   RESULT step=<name> status=ok|failed|skipped|dry_run seconds=<s>):
+#   kernel_tests     the Triton log-prob/entropy and loss kernels against the torch oracle
+#   profile_kernels  fused vs naive log-prob at a 7B shape (time, memory, error)
+#   or1_check        `or1 check` on one GPU at bf16 (policy vs transformers, train step)
+#   policy_tests     the policy on GPUs over NCCL (local spec fp32/bf16, TE where installed)
+#                    and the NCCL weight-update group
+#   convert          the converter's HF -> Megatron -> HF round trip on a GPU machine
+#                    (its ranks compute on the CPU over gloo)
+#   bench_sync       colocated weight sync over CUDA IPC into a GPU engine vs a device copy
+#   demo_gpu         `or1 train --config configs/demo_gpu.yaml --max-steps 3`, sync verified
+# The exit status is 1 if any step failed.
 set -uo pipefail
 OUT=${OUT:-/tmp/or1_gpu_checks}
+DRY_RUN=${DRY_RUN:-0}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+if [ "$DRY_RUN" = 0 ] && [ -d .gpu-carry/whl ]; then  # ../shared/gpu/unpack.sh's three lines
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .gpu-carry/whl/*.whl
+  [ -f .gpu-carry/ray-slim.tar.xz ] && tar -C /tmp/site -xJf .gpu-carry/ray-slim.tar.xz
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
+PY=${PYTHON:-python3}
 status=0
-step() {  # step NAME COMMAND...: run it, keep its output, remember a failure
-  local name=$1; shift
-  echo "== $name: $*"
-  "$@" 2>&1 | tee "$OUT/$name.txt" || status=1
+step() {  # step NAME TIMEOUT_S COMMAND...: run it, keep its output, end with a RESULT line
+  local name=$1 limit=$2; shift 2
+  local file="$OUT/$name.txt" start rc
+  echo "== $name: $*" | tee "$file"
+  start=$(date +%s)
+  if [ "$DRY_RUN" != 0 ]; then
+    echo "RESULT step=$name status=dry_run seconds=0" | tee -a "$file"
+    return
+  fi
+  timeout "$limit" "$@" 2>&1 | tee -a "$file"
+  rc=${PIPESTATUS[0]}
+  local verdict=ok
+  [ "$rc" -eq 0 ] || { verdict=failed; status=1; }
+  echo "RESULT step=$name status=$verdict seconds=$(( $(date +%s) - start )) rc=$rc" | tee -a "$file"
 }
-step gpu nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-step versions python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-step kernel_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_logprob.py \
-  tests/test_kernels_policy_loss.py tests/test_kernels_triton.py
-step profile_kernels python3 tools/profile_kernels.py --tokens 8192 --hidden 4096 --vocab 152064 \
-  --dtype bfloat16 --device cuda
-if python3 -c "import megatron.core" 2> /dev/null; then
-  step policy_tests python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_policy_gpu.py \
-    tests/test_rollout_weight_group.py
+have() { "$PY" -c "import $1" 2> /dev/null; }
+
+if [ "$DRY_RUN" = 0 ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 else
-  echo "megatron-core is not installed: carry its wheel in .whl/ for the policy's GPU tests" \
-    | tee "$OUT/policy_tests.txt"
+  # What a dry run can check here: every step's files exist and parse, the GPU demo config
+  # validates, the GPU tests are collected.
+  "$PY" -m py_compile tools/profile_kernels.py tools/bench_weight_sync.py || status=1
+  "$PY" -m or1_megatron.cli config --config configs/demo_gpu.yaml > "$OUT/demo_gpu_config.txt" || status=1
+  "$PY" -m pytest -q --collect-only -p no:cacheprovider tests/test_policy_gpu.py \
+    tests/test_rollout_weight_group.py tests/test_kernels_triton.py > "$OUT/collect.txt" || status=1
+  tail -n 1 "$OUT/collect.txt"
+fi
+
+step kernel_tests 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_logprob.py \
+  tests/test_kernels_policy_loss.py tests/test_kernels_triton.py
+step profile_kernels 120 "$PY" tools/profile_kernels.py --tokens 8192 --hidden 3584 --vocab 152064 \
+  --dtype bfloat16 --device cuda
+if [ "$DRY_RUN" != 0 ] || have megatron.core; then
+  step or1_check 150 "$PY" -m or1_megatron.cli check --tp 1 --device cuda --dtype bf16
+  step policy_tests 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_policy_gpu.py \
+    tests/test_rollout_weight_group.py
+  step convert 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_convert_checkpoint.py -k "round_trip"
+  step bench_sync 150 "$PY" tools/bench_weight_sync.py --model-size 1G --device cuda \
+    --transport colocated --repeats 3
+else
+  echo "RESULT step=megatron status=skipped seconds=0 (megatron-core missing: carry .gpu-carry/)" \
+    | tee "$OUT/megatron.txt"
+  status=1
+fi
+if [ "$DRY_RUN" != 0 ] || { have ray && have omegaconf && have math_verify; }; then
+  step demo_gpu 240 "$PY" -m or1_megatron.cli train --config configs/demo_gpu.yaml \
+    --run-dir "$OUT/demo_gpu" --max-steps 3
+else
+  echo "RESULT step=demo_gpu status=skipped seconds=0 (ray/omegaconf/math-verify missing)" \
+    | tee "$OUT/demo_gpu.txt"
+  status=1
 fi
 exit $status

@@ -93,6 +93,11 @@ def test_disaggregated_engines_get_gpus_of_their_own(logical_gpus, hf_dir, tmp_p
 
 
 def test_runs_that_cannot_work_on_gpus_are_refused_by_name(hf_dir, monkeypatch):
+    monkeypatch.setattr(run, "_has_gpu", lambda: False)
+    torch_engine = _config(hf_dir, world=1, engines=1, engine_tp=1, placement="colocated",
+                           backend="torch")
+    with pytest.raises(OR1Error, match="rollout.backend=torch runs engines on GPUs"):
+        run.run_placement(torch_engine)
     monkeypatch.setattr(run, "_has_gpu", lambda: True)
     config = _config(hf_dir, world=4, engines=4, engine_tp=1, placement="colocated",
                      backend="torch")

@@ -1,8 +1,9 @@
 """Weight-sync bandwidth against the machine's memcpy bandwidth, measured in the same run.
 
 Builds a random Qwen2 of about --model-size bytes (fp32), a Megatron trainer at --tp x --pp
-(forked gloo ranks), --engines CPU engine processes, and times full syncs (pause .. continue)
-over --transport. The first sync is checked with the probe batch (engine log-probs == the
+(forked gloo ranks; with --device cuda spawned NCCL ranks, one GPU each), --engines torch engine
+processes (`or1 serve`, on the CPU or on the first GPU), and times full syncs (pause ..
+continue) over --transport (on GPUs, colocated means CUDA IPC handles). The first sync is checked with the probe batch (engine log-probs == the
 trainer's); it and a second one are warm-ups, printed but not timed (a CPU engine keeps the
 sender's shared-memory files mapped from their second sighting on, as it would over a
 training run's hundreds of syncs). Prints one line per timed sync, then
@@ -11,9 +12,10 @@ training run's hundreds of syncs). Prints one line per timed sync, then
 
 where x = bytes delivered to all engines / median sync seconds, and y = the median, over the
 timed syncs, of the best of three single-thread copies of a 256 MiB buffer made just before
-each sync (every rank and engine runs one torch thread).
+each sync (every rank and engine runs one torch thread); on a GPU, device-to-device copies.
 
     python tools/bench_weight_sync.py --model-size 400M --tp 1 --pp 1 --transport colocated
+    python tools/bench_weight_sync.py --model-size 1G --device cuda --transport colocated
 """
 from __future__ import annotations
 
@@ -64,17 +66,24 @@ class Memcpy:
     """The machine's single-thread copy bandwidth, measured again next to every sync: this
     machine's bandwidth drifts by +-20% from one minute to the next."""
 
-    def __init__(self, size: int = 256 << 20):
+    def __init__(self, size: int = 256 << 20, device: str = "cpu"):
         torch.set_num_threads(1)
-        self.src = torch.ones(size, dtype=torch.uint8)
+        self.device = torch.device(device)
+        self.src = torch.ones(size, dtype=torch.uint8, device=self.device)
         self.dst = torch.empty_like(self.src)
         self.dst.copy_(self.src)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def gbps(self, repeats: int = 3) -> float:
         best = float("inf")
         for _ in range(repeats):
+            self._sync()
             start = time.perf_counter()
             self.dst.copy_(self.src)
+            self._sync()
             best = min(best, time.perf_counter() - start)
         return self.src.numel() / best / 1e9
 
@@ -106,7 +115,8 @@ async def bench(args, hf_dir: str, engines: list[CpuEngineProcess], group: RankG
                 memcpy: Memcpy) -> tuple[list, list[float]]:
     config = SyncConfig(transport=args.transport, bucket_mb=args.bucket_mb, verify=True,
                         verify_tolerance=args.verify_tolerance, timeout_s=args.timeout_s,
-                        disk_dir=str(Path(args.work_dir) / "weights"))
+                        disk_dir=str(Path(args.work_dir) / "weights"),
+                        share_parameters=args.device == "cpu")
     coordinator = WeightSyncCoordinator(engines, config, vocab_size=VOCAB, hf_config_dir=hf_dir)
 
     def push(plan):
@@ -143,6 +153,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--transport", default="colocated", choices=["colocated", "distributed", "disk"])
     parser.add_argument("--engines", type=int, default=1)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: trainer ranks on GPUs 0.., the engines on GPU 0")
     parser.add_argument("--bucket-mb", type=float, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--verify-tolerance", type=float, default=1e-3)
@@ -158,15 +170,17 @@ def main(argv: list[str]) -> int:
         print(f"model: {shape['num_layers']} layers, hidden {HIDDEN}, vocab {VOCAB}, "
               f"{sum(f.stat().st_size for f in Path(hf_dir).glob('*.safetensors')) / 1e6:.0f} MB "
               f"(built in {time.perf_counter() - start:.0f} s)", flush=True)
-        memcpy = Memcpy()
+        memcpy = Memcpy(device=args.device)
         engines = [CpuEngineProcess(hf_dir, num_threads=1, log_dir=Path(args.work_dir) / "logs",
-                                    start_timeout_s=args.timeout_s) for _ in range(args.engines)]
+                                    start_timeout_s=args.timeout_s, device=args.device)
+                   for _ in range(args.engines)]
         group = None
         try:
             for engine in engines:
                 engine.start()
             # Fork the trainer ranks before any event loop or thread pool exists in this process.
             group = RankGroup(args.tp * args.pp, setup_rank, hf_dir, args.tp, args.pp,
+                              backend="nccl" if args.device == "cuda" else "gloo",
                               timeout_s=args.timeout_s)
             for engine in engines:
                 engine.wait_ready()

@@ -21,7 +21,7 @@ from or1_megatron.controller.data import base_model_path, load_training_data
 from or1_megatron.controller.engines import resolved_backend, start_engines
 from or1_megatron.controller.loop import StopFlag, Trainer
 from or1_megatron.controller.metrics import MetricsWriter
-from or1_megatron.controller.placement import Placement, plan_placement
+from or1_megatron.controller.placement import GPU_BACKENDS, Placement, plan_placement
 from or1_megatron.convert.hf_config import load_arch
 from or1_megatron.errors import OR1Error
 
@@ -66,6 +66,9 @@ def _placement_group(config: OR1Config, placement: Placement) -> Any:
 def run_placement(config: OR1Config) -> Placement:
     """This run's placement on this machine's devices; refuses what cannot run on GPUs."""
     backend = resolved_backend(config)
+    if backend in GPU_BACKENDS and not _has_gpu():
+        raise OR1Error(f"rollout.backend={backend} runs engines on GPUs and this machine has "
+                       "none; use rollout.backend=cpu")
     placement = plan_placement(config, backend, gpus=_has_gpu())
     if (placement.gpu_engines and config.rollout.placement == "colocated"
             and config.sync.transport == "distributed"):

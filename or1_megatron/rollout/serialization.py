@@ -143,9 +143,47 @@ def unflatten_bucket(bucket: Any) -> list[tuple[str, torch.Tensor]]:
 
 
 def serialize(obj: Any) -> str:
-    """SGLang's MultiprocessingSerializer.serialize(obj, output_str=True)."""
+    """SGLang's MultiprocessingSerializer.serialize(obj, output_str=True), with CUDA tensors'
+    devices written as GPU UUIDs (what SGLang's monkey_patch_torch_reductions expects: the
+    engine's CUDA_VISIBLE_DEVICES numbers its GPUs differently from the trainer's)."""
     use_file_system_sharing()
-    return base64.b64encode(bytes(ForkingPickler.dumps(obj))).decode("ascii")
+    buffer = io.BytesIO()
+    pickler = ForkingPickler(buffer)
+    pickler.dispatch_table = {**pickler.dispatch_table, torch.Tensor: _reduce_tensor_by_uuid,
+                              torch.nn.Parameter: _reduce_tensor_by_uuid}
+    pickler.dump(obj)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# Position of the device in the arguments of torch's rebuild_cuda_tensor (stable for years;
+# SGLang relies on it too).
+_CUDA_DEVICE_ARG = 6
+
+
+def _reduce_tensor_by_uuid(tensor: torch.Tensor) -> tuple[Any, tuple]:
+    from torch.multiprocessing import reductions
+
+    rebuild, args = reductions.reduce_tensor(tensor)
+    if tensor.is_cuda:
+        device = str(torch.cuda.get_device_properties(args[_CUDA_DEVICE_ARG]).uuid)
+        args = (*args[:_CUDA_DEVICE_ARG], device, *args[_CUDA_DEVICE_ARG + 1:])
+    return rebuild, args
+
+
+def _rebuild_cuda_tensor_by_uuid(*args: Any) -> torch.Tensor:
+    """torch's rebuild_cuda_tensor for a handle whose device is a GPU UUID (or an index)."""
+    from torch.multiprocessing import reductions
+
+    device = args[_CUDA_DEVICE_ARG]
+    if isinstance(device, str):
+        uuids = [str(torch.cuda.get_device_properties(i).uuid)
+                 for i in range(torch.cuda.device_count())]
+        if device not in uuids:
+            raise PayloadError(f"a CUDA IPC handle of GPU {device}, which this engine does not "
+                               f"see (CUDA_VISIBLE_DEVICES): a colocated engine must get "
+                               "handles from the trainer rank on its own GPU")
+        args = (*args[:_CUDA_DEVICE_ARG], uuids.index(device), *args[_CUDA_DEVICE_ARG + 1:])
+    return reductions.rebuild_cuda_tensor(*args)
 
 
 def pickled_storages(tensors: Iterable[torch.Tensor]) -> list[Any]:
@@ -235,6 +273,8 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch.multiprocessing.reductions", "rebuild_typed_storage"): None,
     ("torch.multiprocessing.reductions", "rebuild_storage_filename"): None,
     ("torch.multiprocessing.reductions", "rebuild_storage_empty"): None,
+    # CUDA IPC handles (a GPU engine): the device may be a GPU UUID, as SGLang sends it.
+    ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"): _rebuild_cuda_tensor_by_uuid,
     ("torch._utils", "_rebuild_tensor_v2"): None,
     ("torch", "Tensor"): None,
     ("torch", "Size"): None,
