@@ -130,6 +130,12 @@ def test_stages_inherit_batch_sizes_and_number_their_steps(tmp_path, hf_dir):
     (["rollout.backend=vllm"], r"rollout\.backend: 'vllm' is not one of"),
     (["algo.entropy.coef_min=0.5", "algo.entropy.coef_max=0.1"], r"algo\.entropy\.coef_max"),
     (["data.eval_every=5"], r"data\.eval_files: data\.eval_every=5 but there is nothing to evaluate"),
+    # what cannot run on GPUs yet, or at all, refused before anything starts
+    (["parallel.context_parallel=2"], r"parallel\.context_parallel: 2 is not supported yet"),
+    (["rollout.backend=torch", "rollout.engine_tp=2"], r"rollout\.engine_tp: the torch engine runs on one GPU"),
+    (["rollout.engine_tp=3"], r"rollout\.engine_tp: colocated engines .* must divide"),
+    (["rollout.backend=sglang", "sync.transport=distributed"], r"sync\.transport: distributed \(NCCL\) with colocated"),
+    (["sync.verify_tolerance=-1"], r"sync\.verify_tolerance: must be >= 0"),
 ])
 def test_bad_training_sections_name_the_key(tmp_path, hf_dir, overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -36,8 +36,9 @@ def validate(cfg: OR1Config, source: str) -> None:
            f"context_parallel = {model_parallel}")
     _check(not p.sequence_parallel or p.tensor_parallel > 1, source, "parallel.sequence_parallel",
            "needs tensor_parallel > 1")
-    _check(p.context_parallel == 1 or m.layer_spec != "local", source, "parallel.context_parallel",
-           "context parallelism needs transformer-engine attention (model.layer_spec te/auto on GPUs)")
+    _check(p.context_parallel == 1, source, "parallel.context_parallel",
+           f"{p.context_parallel} is not supported yet: packed micro-batches are not split per "
+           "context-parallel rank (and it needs transformer-engine attention); use 1")
 
     _check(m.make_vocab_size_divisible_by >= 1, source, "model.make_vocab_size_divisible_by",
            f"must be >= 1, got {m.make_vocab_size_divisible_by}")
