@@ -136,6 +136,8 @@ def test_stages_inherit_batch_sizes_and_number_their_steps(tmp_path, hf_dir):
     (["rollout.engine_tp=3"], r"rollout\.engine_tp: colocated engines .* must divide"),
     (["rollout.backend=sglang", "sync.transport=distributed"], r"sync\.transport: distributed \(NCCL\) with colocated"),
     (["sync.verify_tolerance=-1"], r"sync\.verify_tolerance: must be >= 0"),
+    (["rewards.math.boxed=first"], r"rewards\.math\.boxed: 'first' is not one of"),
+    (["rewards.math.compat=verl"], r"rewards\.math\.compat: 'verl' is not one of"),
 ])
 def test_bad_training_sections_name_the_key(tmp_path, hf_dir, overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -170,3 +170,17 @@ def test_output_comparison():
     assert outputs_match("0.3333333", "0.33333333")
     assert not outputs_match("1 2", "1 3")
     assert not outputs_match("", "1")
+
+
+def test_functional_tests_whose_expected_output_is_a_plain_string():
+    """APPS/TACO-style rows store a str return value as the plain string ("fl", ""), not as JSON
+    text; LiveCodeBench stores JSON text ('"fl"'). Both compare as the value they are."""
+    tests = {"inputs": [[["flower", "flow", "flight"]], [["dog", "racecar"]]],  # argument lists
+             "outputs": ["fl", ""], "fn_name": "prefix"}
+    right = ("def prefix(words):\n    import os\n    return os.path.commonprefix(words)")
+    assert code_score(_response(right), tests) == 1.0
+    wrong = "def prefix(words):\n    return words[0][:2]"
+    assert code_score(_response(wrong), tests) == 0.0
+    as_json = {**tests, "outputs": ['"fl"', '""']}  # the LiveCodeBench convention
+    assert code_score(_response(right), as_json) == 1.0
+    assert code_score(_response(wrong), as_json) == 0.0

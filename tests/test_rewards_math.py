@@ -80,3 +80,60 @@ def test_works_off_the_main_thread():
     thread.start()
     thread.join(timeout=60)
     assert out == [1.0]
+
+
+def test_python_list_gold_text_means_alternatives():
+    """Skywork-OR1-RL-Data stores golds as the text of a Python list: two answers must each
+    score (math-verify alone reads "['10', '12']" as the interval (10, 12))."""
+    assert gold_answers("['10', '12']") == ["10", "12"]
+    assert gold_answers("['56']") == ["56"]
+    assert gold_answers("[0, 1]") == ["[0, 1]"]  # still one answer, as before
+    assert gold_answers("['unclosed") == ["['unclosed"]
+    for answer, score in (("10", 1.0), ("12", 1.0), ("11", 0.0)):
+        assert math_score(_response(answer), "['10', '12']") == score, answer
+
+
+def test_the_last_box_of_the_final_answer_is_graded():
+    corrected = "<think>\nwork\n</think>\nSo \\boxed{107}. Wait, I made an error: \\boxed{104}."
+    assert math_score(corrected, "104") == 1.0
+    assert math_score(corrected, "107") == 0.0
+    two = "<think>\nwork\n</think>\nEither \\boxed{9} or rather \\boxed{8}."
+    assert math_score(two, "8") == 1.0
+    merged = RewardConfig(math_boxed="all")  # the old behaviour, for comparison
+    assert math_score(corrected, "104", config=merged) == 0.0  # math-verify merged to 107104
+    assert math_score(two, "8", config=merged) == 0.0          # and to the set {8, 9}
+    nested = "<think>x</think> \\boxed{3} then \\boxed{\\frac{1}{2}}"
+    assert math_score(nested, "1/2") == 1.0
+
+
+def test_released_mode_reproduces_each_released_rule():
+    from or1_megatron.rewards import registry
+
+    released = RewardConfig(compat="released")
+    previous = registry.get_reward_config()
+    answer = "<think>\nwork\n</think>\nThe answer is \\boxed{25}."
+    try:
+        registry.set_reward_config(released)
+        score = lambda *a, **k: compute_score(*a, **k)  # noqa: E731
+        # no truncation rule: a length-cut response is graded
+        cut = {"finish_reason": "length"}
+        assert score("aime", answer, "025", cut) == 1.0
+        # only the text between the first and the second </think> is graded
+        second = "<think>a</think> \\boxed{5} </think> \\boxed{6}"
+        assert score("aime", second, "5") == 1.0 and score("aime", second, "6") == 0.0
+        # routing by the ground truth's content: a math gold under a code-like source is math,
+        # a code schema under a math source is code
+        assert score("leetcode", answer, "25") == 1.0
+        code = "<think>x</think>\n```python\nprint(int(input()) * 2)\n```"
+        assert score("aime", code, {"inputs": ["3\n"], "outputs": ["6\n"]}) == 1.0
+        # json.loads or the raw text: a Python-list text reaches math-verify as an interval
+        assert score("aime", "<think>x</think> \\boxed{10}", "['10', '12']") == 0.0
+        assert score("aime", "<think>x</think> \\boxed{10}", '["10", "12"]') == 1.0
+        # every box goes to math-verify, merged
+        assert score("aime", "<think>x</think> \\boxed{9} no, \\boxed{8}", "8") == 0.0
+    finally:
+        registry.set_reward_config(previous)
+    # the same cases under the default (or1) rules
+    assert compute_score("aime", answer, "025", {"finish_reason": "length"}) == 0.0
+    assert compute_score("aime", "<think>a</think> \\boxed{5} </think> \\boxed{6}", "6") == 1.0
+    assert compute_score("aime", "<think>x</think> \\boxed{10}", "['10', '12']") == 1.0

@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -171,3 +172,37 @@ def test_contest_imports_are_available():
     from or1_megatron.rewards.sandbox import check_sandbox
 
     check_sandbox(Sandbox(CONFIG.sandbox))  # raises with the interpreter's stderr otherwise
+
+
+def test_a_python_from_a_venv_under_tmp_runs_in_the_sandbox(tmp_path_factory):
+    """The sandbox mounts a private /tmp: an interpreter living there (a venv made in /tmp) is
+    bound back read-only, so correct programs still score 1."""
+    import subprocess
+    import sys
+    import tempfile
+
+    base = Path(sys.executable).resolve()
+    venv = Path(tempfile.mkdtemp(prefix="or1-venv-", dir="/tmp")) / "venv"
+    try:
+        subprocess.run([str(base), "-m", "venv", "--without-pip", str(venv)], check=True,
+                       timeout=120)
+        os.chmod(venv.parent, 0o755)  # as a venv made with `python -m venv /tmp/venv` is
+        # the contest imports the sandbox checks for come from this interpreter's packages
+        import sortedcontainers
+
+        packages = Path(sortedcontainers.__file__).resolve().parents[1]
+        site = next((venv / "lib").glob("python3*/site-packages"))
+        (site / "contest_imports.pth").write_text(f"{packages}\n")
+        config = RewardConfig(code_test_timeout_s=LIMIT_S, code_total_timeout_s=LIMIT_S,
+                              sandbox=SandboxConfig(backend="bwrap", uid=SANDBOX_UID,
+                                                    python=str(venv / "bin" / "python")))
+        program = "import sys\nprint(sys.prefix)"
+        assert code_score(_response(program), {"inputs": [""], "outputs": [str(venv)]},
+                          config=config) == 1.0
+        # and the interpreter stays read-only there
+        write = f"open({str(venv / 'pwned')!r}, 'w')\nprint('wrote')"
+        assert code_score(_response(write), {"inputs": [""], "outputs": ["wrote"]},
+                          config=config) == 0.0
+        assert not (venv / "pwned").exists()
+    finally:
+        shutil.rmtree(venv.parent, ignore_errors=True)

@@ -256,6 +256,23 @@ class LoggingConfig:
 
 
 @dataclass
+class MathRewardSection:
+    # last: grade the last \boxed{} of the final answer; all: math-verify sees (and merges)
+    # every box, as the released scorer does.
+    boxed: str = "last"
+    # or1: the paper's rules (truncated responses score 0, text after the first </think>,
+    # ability from the row); released: Skywork-OR1's released scorer (rewards/released.py).
+    compat: str = "or1"
+
+
+@dataclass
+class RewardsConfig:
+    math: MathRewardSection = field(default_factory=MathRewardSection)
+    # The paper's rule: a response cut at the length limit (or never closing </think>) scores 0.
+    truncated_scores_zero: bool = True
+
+
+@dataclass
 class OR1Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -273,6 +290,7 @@ class OR1Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
 
     @property
     def data_parallel(self) -> int:
@@ -287,4 +305,6 @@ SYNC_TRANSPORTS = ("colocated", "distributed", "disk")
 SYNC_PAUSE_MODES = ("abort", "retract", "in_place")
 ROLLOUT_BACKENDS = ("auto", "cpu", "torch", "sglang")
 PLACEMENTS = ("colocated", "disaggregated")
+MATH_BOXED = ("last", "all")
+REWARD_COMPAT = ("or1", "released")
 DATA_ON_ERROR = ("raise", "skip")

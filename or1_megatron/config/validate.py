@@ -6,8 +6,8 @@ naming the key and the file, not in a collective twenty minutes into a cluster j
 from __future__ import annotations
 
 from or1_megatron.config.schema import (
-    DATA_ON_ERROR, DTYPES, LAYER_SPECS, PLACEMENTS, ROLLOUT_BACKENDS, SYNC_PAUSE_MODES, SYNC_TRANSPORTS,
-    OR1Config,
+    DATA_ON_ERROR, DTYPES, LAYER_SPECS, MATH_BOXED, PLACEMENTS, REWARD_COMPAT, ROLLOUT_BACKENDS,
+    SYNC_PAUSE_MODES, SYNC_TRANSPORTS, OR1Config,
 )
 from or1_megatron.config.stages import Stage, resolve_stages
 from or1_megatron.convert.hf_config import Qwen2Arch, arch_from_dict, layout_problems, load_arch
@@ -113,6 +113,11 @@ def _validate_training(cfg: OR1Config, source: str) -> None:
            f"{r.backend!r} is not one of {ROLLOUT_BACKENDS}")
     _check(r.placement in PLACEMENTS, source, "rollout.placement",
            f"{r.placement!r} is not one of {PLACEMENTS}")
+    rm = cfg.rewards.math
+    _check(rm.boxed in MATH_BOXED, source, "rewards.math.boxed",
+           f"{rm.boxed!r} is not one of {MATH_BOXED}")
+    _check(rm.compat in REWARD_COMPAT, source, "rewards.math.compat",
+           f"{rm.compat!r} is not one of {REWARD_COMPAT}")
     _check(r.engines >= 1, source, "rollout.engines", f"must be >= 1, got {r.engines}")
     _check(r.engine_tp >= 1, source, "rollout.engine_tp", f"must be >= 1, got {r.engine_tp}")
     _check(r.backend != "torch" or r.engine_tp == 1, source, "rollout.engine_tp",

@@ -122,7 +122,8 @@ async def train(config: OR1Config, run_dir: Path, resume: str, stop: StopFlag) -
         policy = RayRankGroup(config.parallel.world_size, ranks.setup_policy_rank, config,
                               placement_group=group, gpus_per_rank=placement.rank_gpus,
                               timeout_s=max(config.sync.timeout_s, 600.0))
-        session = SamplingSession(hf_path, engines, reward_config=RewardConfig(),
+        session = SamplingSession(hf_path, engines,
+                                  reward_config=RewardConfig.from_run_config(config.rewards),
                                   request_timeout_s=config.sync.timeout_s,
                                   resync=lambda client: trainer.refeed_engine(client))
         coordinator = WeightSyncCoordinator(engines, config.sync,

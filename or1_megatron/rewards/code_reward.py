@@ -83,6 +83,19 @@ def _same_value(got: Any, want: Any) -> bool:
     return got == want
 
 
+def expected_value(want: Any) -> Any:
+    """An expected return value as stored. LiveCodeBench stores each as JSON text ('[3, 2]',
+    '"abc"'); APPS/TACO-style rows (Skywork-OR1-RL-Data's code, parsed from JSON as a whole)
+    store plain values, strings included ("fl", ""). A string is therefore JSON if it parses as
+    JSON, else the plain string it is."""
+    if not isinstance(want, str):
+        return want
+    try:
+        return json.loads(want)
+    except ValueError:
+        return want
+
+
 def _functional_outputs_match(got_json: list[str], expected: list[Any]) -> bool:
     """Return values reported by the sandbox (JSON text) against the expected outputs."""
     if len(got_json) != len(expected):
@@ -90,9 +103,9 @@ def _functional_outputs_match(got_json: list[str], expected: list[Any]) -> bool:
     for got_text, want in zip(got_json, expected):
         try:
             got = json.loads(got_text)
-            want = json.loads(want) if isinstance(want, str) else want
         except (TypeError, ValueError):
             return False
+        want = expected_value(want)
         # APPS/TACO wrap a single return value in a list.
         if not (_same_value(got, want) or (isinstance(want, list) and len(want) == 1
                                            and _same_value(got, want[0]))):
@@ -169,11 +182,16 @@ def code_score(solution_str: str, ground_truth: Any, extra_info: dict[str, Any] 
     text = graded_text(solution_str, extra_info, config.truncated_scores_zero)
     if text is None:
         return 0.0
+    return score_code_text(text, parse_code_tests(ground_truth), config)
+
+
+def score_code_text(text: str, tests: CodeTests, config: RewardConfig) -> float:
+    """1.0 when the last ```python block of `text` (the graded part) passes all `tests`."""
     code = extract_code(text)
     if code is None:
         return 0.0
-    tests = parse_code_tests(ground_truth)
     return 1.0 if run_code_tests(code, tests, config) else 0.0
 
 
-__all__ = ["GroundTruthError", "code_score", "extract_code", "outputs_match", "run_code_tests"]
+__all__ = ["GroundTruthError", "code_score", "extract_code", "outputs_match", "run_code_tests",
+           "score_code_text"]

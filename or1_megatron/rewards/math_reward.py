@@ -1,10 +1,12 @@
-"""Math reward: Math-Verify on the text after `</think>` against the `\\boxed{}`-wrapped gold answer.
+"""Math reward: Math-Verify on the last `\\boxed{}` after `</think>` against the gold answers.
 
 Owns the math grading rule of OR1 (released `hf_math_verify` reward, with the paper's truncation
-rule). It never executes model output.
+rule, golds read as stored in Skywork-OR1-RL-Data, and the last box graded). It never executes
+model output.
 """
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import threading
@@ -19,26 +21,50 @@ logger = logging.getLogger(__name__)
 
 
 def gold_answers(ground_truth: Any) -> list[str]:
-    """Accepted answers as strings: one answer, a list of them, or a JSON list of strings.
+    """Accepted answers as strings: one answer, a list of alternatives, or the text of a list.
 
-    A JSON-looking string whose items are not all strings (e.g. the interval `[0, 1]`) is one
-    answer, not a list.
+    Stored text is read as JSON, then as a Python literal (Skywork-OR1-RL-Data stores golds as
+    the text of a Python list, "['10', '12']"; `ast.literal_eval`, never `eval`), then as plain
+    text. A list of strings means alternatives, any of which scores 1; a list of numbers (the
+    interval `[0, 1]`) is one answer.
     """
     if hasattr(ground_truth, "tolist"):  # numpy arrays from parquet list columns
         ground_truth = ground_truth.tolist()
     if isinstance(ground_truth, str):
-        text = ground_truth.strip()
-        if text.startswith("["):
-            try:
-                items = json.loads(text)
-            except ValueError:
-                items = None
-            if isinstance(items, list) and items and all(isinstance(i, str) for i in items):
-                return items
-        return [ground_truth]
+        items = _stored_list(ground_truth)
+        return items if items is not None else [ground_truth]
     if isinstance(ground_truth, (list, tuple)):
         return [str(item) for item in ground_truth]
     return [str(ground_truth)]
+
+
+def _stored_list(text: str) -> list[str] | None:
+    """The alternatives of a stored list text, or None if the text is not a list of strings."""
+    stripped = text.strip()
+    if not stripped.startswith("["):
+        return None
+    for read in (json.loads, ast.literal_eval):
+        try:
+            items = read(stripped)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        if isinstance(items, list) and items and all(isinstance(i, str) for i in items):
+            return items
+        return None  # parsed, but not a list of strings: one answer
+    return None
+
+
+def last_boxed(text: str) -> str | None:
+    """The last `\\boxed{...}` (or `\\fbox{...}`) of `text` with its braces balanced, or None."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
+    if start < 0:
+        return None
+    depth = 0
+    for end in range(text.index("{", start), len(text)):
+        depth += {"{": 1, "}": -1}.get(text[end], 0)
+        if depth == 0:
+            return text[start:end + 1]
+    return None  # unclosed: nothing complete to grade
 
 
 def _timeout(config: RewardConfig) -> int | None:
@@ -56,6 +82,13 @@ def math_score(solution_str: str, ground_truth: Any, extra_info: dict[str, Any] 
     text = graded_text(solution_str, extra_info, config.truncated_scores_zero)
     if text is None:
         return 0.0
+    if config.math_boxed == "last":
+        text = last_boxed(text) or text
+    return verify_answer(text, gold_answers(ground_truth), config)
+
+
+def verify_answer(text: str, golds: list[str], config: RewardConfig) -> float:
+    """1.0 if math-verify finds in `text` an answer equal to one of `golds`, else 0.0."""
     timeout = _timeout(config)
     try:
         predicted = parse(text, parsing_timeout=timeout)
@@ -64,7 +97,7 @@ def math_score(solution_str: str, ground_truth: Any, extra_info: dict[str, Any] 
         return 0.0
     if not predicted:
         return 0.0
-    for gold in gold_answers(ground_truth):
+    for gold in golds:
         # Exact match of the extracted answer string first: also covers non-LaTeX answers.
         if len(predicted) > 1 and str(predicted[1]).strip() == gold.strip():
             return 1.0

@@ -34,6 +34,7 @@ from or1_megatron.errors import OR1Error
 logger = logging.getLogger(__name__)
 
 NOBODY_UID = 65534
+SANDBOX_TMP = Path("/tmp")  # a private tmpfs inside the sandbox
 # Inside the sandbox: where the throwaway directory is mounted (on the private /tmp).
 WORK_DIR = "/tmp/sandbox"
 PROGRAM_PATH = "/tmp/program.py"
@@ -122,23 +123,28 @@ class Sandbox:
 
     # ---- command construction -------------------------------------------------------------
     def _interpreter_binds(self) -> list[str]:
-        """bwrap args that make an interpreter installed under e.g. /root usable by the sandbox uid.
+        """bwrap args that make an interpreter installed under e.g. /root or /tmp usable by the
+        sandbox uid.
 
         A pyenv Python lives in /root (mode 0700): the unprivileged uid cannot reach it, so the
         hidden ancestor is replaced by an empty tmpfs and only the interpreter's prefixes are bound
-        back (this also hides the rest of root's home from the program).
+        back, read-only (this also hides the rest of root's home from the program). A venv under
+        /tmp is bound back read-only onto the sandbox's private /tmp.
         """
         python = Path(self.python)
         # A venv's bin/python links to the base install: both prefixes must be reachable.
         prefixes = {python.absolute().parent.parent, python.resolve().parent.parent}
         hidden: dict[Path, list[Path]] = {}
         for prefix in sorted(prefixes):
-            top = _hidden_ancestor(prefix)
+            # Under /tmp (a venv made there) it is hidden by the sandbox's own private /tmp.
+            top = _hidden_ancestor(prefix) or (SANDBOX_TMP if SANDBOX_TMP in prefix.parents
+                                               else None)
             if top is not None:
                 hidden.setdefault(top, []).append(prefix)
         args: list[str] = []
         for top, inner in hidden.items():
-            args += ["--perms", "0755", "--tmpfs", str(top)]
+            if top != SANDBOX_TMP:  # the private /tmp is a tmpfs already
+                args += ["--perms", "0755", "--tmpfs", str(top)]
             made = {top}
             for prefix in inner:
                 # bwrap would create the directories in between as 0700: make them traversable.
