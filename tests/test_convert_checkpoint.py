@@ -64,7 +64,7 @@ def test_converted_checkpoint_scores_like_transformers_at_tp2_pp2(hf_dir, tmp_pa
     hf_to_mcore(hf_dir, mcore, Layout(1, 1, "fp32"))
     seqs = random_sequences(300, (9, 14, 5))
     scores = run_forked(rank_score, 4, hf_dir, mcore, seqs)[-1]
-    for got, expected in zip(scores, transformers_oracle(hf_dir, seqs)):
+    for got, expected in zip(scores, transformers_oracle(hf_dir, seqs), strict=True):
         torch.testing.assert_close(got.double(), expected["logprob"], atol=2e-5, rtol=1e-5)
 
 

@@ -153,7 +153,7 @@ def test_records_round_trip_through_verl_parquet(shared_data, tmp_path):
     loaded = load_problems(path)
     assert [r.uid for r in loaded] == [r.uid for r in records]
     assert [r.ability for r in loaded] == ["math"] * 3 + ["code"] * 3
-    for before, after in zip(records, loaded):
+    for before, after in zip(records, loaded, strict=True):
         assert after.prompt == before.prompt
         if before.ability == "code":
             assert parse_code_tests(after.ground_truth) == parse_code_tests(before.ground_truth)

@@ -52,7 +52,7 @@ def test_each_output_alone_has_the_right_gradient():
         ref = oracle_logprob_entropy(hidden, weight, targets)[pick]
         got = torch.autograd.grad(out.sum(), (hidden, weight))
         want = torch.autograd.grad(ref.sum(), (hidden, weight))
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g.double(), w.double(), atol=2e-5, rtol=1e-5)
 
 
@@ -177,7 +177,7 @@ def test_ambient_autocast_does_not_change_the_result():
     want = _run(fused_logprob_entropy, hidden, weight, targets, g_lp, g_ent, chunk_size=4)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         got = _run(fused_logprob_entropy, hidden, weight, targets, g_lp, g_ent, chunk_size=4)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype
         torch.testing.assert_close(g, w)
 
@@ -190,5 +190,5 @@ def test_bf16_weight_grad_blocks_give_the_same_result(monkeypatch):
     # Two vocabulary rows per fp32 block: the weight gradient is added in 39 pieces per chunk.
     monkeypatch.setattr(logprob, "_CHUNK_ELEMS_DEFAULT", 64)
     got = _run(fused_logprob_entropy, hidden, weight, targets, g_lp, g_ent, chunk_size=8)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)

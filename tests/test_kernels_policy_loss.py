@@ -42,7 +42,7 @@ def test_loss_and_grads_match_fp64_oracle(clip_low, clip_high, dual_clip, coef):
     torch.testing.assert_close(loss.double(), ref, atol=1e-7, rtol=1e-6)
     got = torch.autograd.grad(loss, (logprob, entropy), allow_unused=True)
     want = torch.autograd.grad(ref, (logprob, entropy), allow_unused=True)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         g = torch.zeros_like(logprob) if g is None else g
         w = torch.zeros_like(logprob) if w is None else w
         torch.testing.assert_close(g.double(), w.double(), atol=1e-7, rtol=1e-6)

@@ -87,7 +87,7 @@ def test_disaggregated_engines_get_gpus_of_their_own(logical_gpus, hf_dir, tmp_p
                      backend="torch")
     views, rank_gpus = _place(config, hf_dir, tmp_path)
     engine_gpus = [v["CUDA_VISIBLE_DEVICES"].split(",") for v in views]
-    assert all(len(v) == 1 and view["uses"] == [0] for v, view in zip(engine_gpus, views))
+    assert all(len(v) == 1 and view["uses"] == [0] for v, view in zip(engine_gpus, views, strict=True))
     everyone = [g[0] for g in rank_gpus] + [v[0] for v in engine_gpus]
     assert sorted(everyone) == [str(i) for i in range(GPUS)]  # nobody shares a GPU
 

@@ -107,7 +107,7 @@ def rank_resume(rank, world, hf_dir, ckpt_dir, tp, pp):
 def test_logits_equal_transformers(hf_dir, oracle):
     logits, lengths = run_forked(rank_logits, 1, hf_dir)[0]
     start = 0
-    for seq_oracle, length in zip(oracle, lengths):
+    for seq_oracle, length in zip(oracle, lengths, strict=True):
         torch.testing.assert_close(logits[start:start + length].double(), seq_oracle["logits"],
                                    atol=2e-5, rtol=1e-5)
         start += length
@@ -120,7 +120,7 @@ def test_logprobs_and_entropy_equal_transformers(hf_dir, oracle, layout):
     last_stage = [r for r in per_rank if r is not None]
     assert len(last_stage) == world // pp  # every rank of the last stage has the results
     for logprob_entropy in last_stage:
-        for (logprob, entropy), expected in zip(logprob_entropy, oracle):
+        for (logprob, entropy), expected in zip(logprob_entropy, oracle, strict=True):
             torch.testing.assert_close(logprob.double(), expected["logprob"], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(entropy.double(), expected["entropy"], atol=1e-5, rtol=1e-5)
 
@@ -169,7 +169,8 @@ def test_checkpoint_saved_at_tp2_resumes_at_other_layouts(hf_dir, oracle, tmp_pa
             torch.testing.assert_close(weights[name], ref, atol=1e-6, rtol=1e-6, msg=name)
     # the reloaded weights score differently from the initial ones (it is the trained model)
     scores = results[-1][2]
-    assert any((s.double() - o["logprob"]).abs().max() > 1e-3 for s, o in zip(scores, oracle))
+    assert any((s.double() - o["logprob"]).abs().max() > 1e-3
+               for s, o in zip(scores, oracle, strict=True))
 
 
 def rank_wrong_world(rank, world, hf_dir):

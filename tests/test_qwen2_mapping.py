@@ -37,14 +37,14 @@ def test_shard_then_gather_is_identity(tp):
         shards = [mapping.to_mcore_shard(m, [hf[n] for n in m.hf_names], r, tp) for r in range(tp)]
         for shard in shards:
             assert tuple(shard.shape) == mapping.mcore_shard_shape(m, tp)
-        for name, back in zip(m.hf_names, mapping.to_hf(m, shards)):
+        for name, back in zip(m.hf_names, mapping.to_hf(m, shards), strict=True):
             assert torch.equal(back, hf[name]), name
         # Straight into one flat buffer, as the weight sync packs a bucket.
         sizes = [torch.Size(s).numel() for s in m.hf_shapes]
         flat = torch.full((sum(sizes),), float("nan"))
         outs = [part.view(shape) for part, shape in zip(flat.split(sizes), m.hf_shapes)]
         mapping.to_hf_into(m, shards, outs)
-        for name, out in zip(m.hf_names, outs):
+        for name, out in zip(m.hf_names, outs, strict=True):
             assert torch.equal(out, hf[name]), name
         if tp == 1 and m.kind != "qkv":  # views of the shard: passed by reference, never copied
             assert all(t.untyped_storage().data_ptr() == shards[0].untyped_storage().data_ptr()

@@ -111,7 +111,7 @@ async def _update(client, named, version, load_format="flattened_bucket", flush_
 
 
 def _assert_logprobs_match(model, prompts, results):
-    for prompt, result in zip(prompts, results):
+    for prompt, result in zip(prompts, results, strict=True):
         expected = forward_logprobs(model, prompt, result.output_ids)
         torch.testing.assert_close(torch.tensor(result.output_logprobs), expected,
                                    atol=1e-4, rtol=0)
@@ -130,7 +130,7 @@ def _assert_generated_by(process, model, weights, results, original):
 def test_greedy_equals_transformers_generate(engine):
     process, model = engine
     results = call(process, lambda c: c.generate(PROMPTS, greedy()))
-    for prompt, result in zip(PROMPTS, results):
+    for prompt, result in zip(PROMPTS, results, strict=True):
         expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         assert result.output_ids == expected

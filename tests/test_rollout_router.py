@@ -57,7 +57,7 @@ def test_requests_spread_and_weights_reach_every_engine(model_dir, processes):
     assert versions == ["v1", "v1"]
     assert all(count > 0 for count in served) and sum(served) == len(PROMPTS)
     model.load_state_dict(new)
-    for prompt, result in zip(PROMPTS, results):
+    for prompt, result in zip(PROMPTS, results, strict=True):
         assert result.weight_version == "v1"
         torch.testing.assert_close(torch.tensor(result.output_logprobs),
                                    forward_logprobs(model, prompt, result.output_ids),

@@ -41,7 +41,7 @@ def test_flattened_bucket_round_trip_keeps_dtypes_and_shapes():
     assert bucket["flattened_tensor"].dtype == torch.uint8
     meta = bucket["metadata"][1]
     assert (meta.start_idx, meta.end_idx, meta.numel) == (48, 58, 10)  # byte offsets, as SGLang
-    for (name, tensor), (name2, tensor2) in zip(NAMED, unflatten_bucket(bucket)):
+    for (name, tensor), (name2, tensor2) in zip(NAMED, unflatten_bucket(bucket), strict=True):
         assert name == name2 and tensor.dtype == tensor2.dtype and torch.equal(tensor, tensor2)
 
 

@@ -75,7 +75,7 @@ def test_trainer_group_reaches_an_engine_joined_the_sglang_way():
     trainer.close()
     thread.join(timeout=30)
     assert errors == [] and len(received) == len(sent)
-    assert all(torch.equal(a, b) for a, b in zip(received, sent))
+    assert all(torch.equal(a, b) for a, b in zip(received, sent, strict=True))
 
 
 def test_a_backend_that_cannot_run_here_is_named():
@@ -116,4 +116,4 @@ def test_nccl_group_reaches_an_engine_on_another_gpu():
     received = results.get(timeout=60)
     trainer.close()
     engine.join(timeout=60)
-    assert all(torch.equal(a, b) for a, b in zip(received, sent))
+    assert all(torch.equal(a, b) for a, b in zip(received, sent, strict=True))

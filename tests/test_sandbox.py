@@ -92,6 +92,27 @@ def test_writes_outside_the_sandbox_dir_do_not_land(tmp_path):
                                "x") == 1.0
 
 
+def test_host_directories_outside_tmp_stay_read_only():
+    """/tmp is a private tmpfs inside anyway: the root filesystem itself must be read-only. A
+    world-writable host directory outside /tmp (made for the test) and the project's own
+    directory (made writable for everyone for the test) must not take a write."""
+    import tempfile
+
+    project = Path(__file__).resolve().parents[1]
+    var_tmp = Path(tempfile.mkdtemp(prefix="or1-sandbox-probe-", dir="/var/tmp"))
+    project_probe = Path(tempfile.mkdtemp(prefix=".or1-sandbox-probe-", dir=project))
+    try:
+        for directory in (var_tmp, project_probe):
+            directory.chmod(0o777)  # the host lets anyone write here: only the sandbox can stop it
+            target = directory / "pwned"
+            code = f"open({str(target)!r}, 'w').write('x')\nprint('wrote')"
+            assert _score_within_limit(code, "wrote") == 0.0, directory
+            assert not target.exists(), directory
+    finally:
+        shutil.rmtree(var_tmp, ignore_errors=True)
+        shutil.rmtree(project_probe, ignore_errors=True)
+
+
 def test_network_is_unreachable():
     server = socket.socket()
     server.bind(("127.0.0.1", 0))

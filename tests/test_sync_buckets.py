@@ -40,7 +40,7 @@ def test_buckets_keep_order_values_and_the_size_bound():
         if len(bucket.metadata) == 1 and bucket.nbytes > 2048:
             assert bucket.metadata[0].name == "t5"  # 4800 bytes: alone, in its own buffer
     assert [n for n, _ in seen] == [n for n, _ in stream]
-    for (_, got), (_, want) in zip(seen, stream):
+    for (_, got), (_, want) in zip(seen, stream, strict=True):
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
@@ -52,7 +52,7 @@ def _send_and_decode_one_bucket() -> None:
     for text in payload.texts:  # what each engine TP rank does
         decoded = decode_named_tensors(text, "flattened_bucket")
         assert [n for n, _ in decoded] == [n for n, _ in stream]
-        assert all(torch.equal(got, want) for (_, got), (_, want) in zip(decoded, stream))
+        assert all(torch.equal(got, want) for (_, got), (_, want) in zip(decoded, stream, strict=True))
     payload.release(delivered=True)
     SharedPayload.of_flattened(bucket.payload()).release(delivered=False)
 
@@ -124,7 +124,7 @@ def test_views_payload_is_read_in_place_and_leaves_no_shared_memory():
     for text in payload.texts:  # what each engine TP rank does
         decoded = decode_named_tensors(text, None)
         assert [n for n, _ in decoded] == ["a", "b"]
-        assert all(torch.equal(got, want) for (_, got), (_, want) in zip(decoded, views))
+        assert all(torch.equal(got, want) for (_, got), (_, want) in zip(decoded, views, strict=True))
     params[0] = 42.0  # the payload reads the trainer's memory, not a copy
     assert decoded[0][1][0, 0] == 42.0
     payload.release(delivered=True)

@@ -92,11 +92,23 @@ def test_killed_run_resumes_with_identical_metrics(uninterrupted, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    assert (run_dir / "checkpoints" / "step_0000002").is_dir()
-    run_to_end(run_dir)  # --resume auto is the default
+    checkpoint = run_dir / "checkpoints" / "step_0000002"
+    assert checkpoint.is_dir()
+    killed_lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    before_checkpoint = [line for line in killed_lines if json.loads(line)["step"] <= 2]
+    assert len(before_checkpoint) == 3
+    proc = run_to_end(run_dir)  # --resume auto is the default
+    # A resume happened (a seeded rerun from step 0 would reach the same metrics): the run names
+    # the checkpoint, does not warm up again, and keeps the killed run's rows up to the
+    # checkpoint byte for byte (their wall-clock fields would differ in a rerun).
+    assert f"resuming from {checkpoint}" in proc.stderr
+    assert "warm-up step" not in proc.stderr
+    assert "training 4 steps (from step 2)" in proc.stderr
+    resumed_lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert resumed_lines[:3] == before_checkpoint
     resumed, reference = metrics(run_dir), metrics(reference_dir)
     assert [r["step"] for r in resumed] == list(range(STEPS + 1))
-    for ours, theirs in zip(resumed, reference):
+    for ours, theirs in zip(resumed, reference, strict=True):
         assert deterministic(ours) == pytest.approx(deterministic(theirs), rel=1e-6, abs=1e-9), ours["step"]
 
 

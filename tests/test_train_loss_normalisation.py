@@ -58,7 +58,7 @@ def run(hf_dir, world, indices, tp=1):
 
 
 def close(a, b, tol):
-    return all(abs(x - y) <= tol for x, y in zip(a, b))
+    return len(a) == len(b) and all(abs(x - y) <= tol for x, y in zip(a, b))
 
 
 def test_data_parallel_update_equals_single_process(hf_dir):
@@ -70,7 +70,7 @@ def test_data_parallel_update_equals_single_process(hf_dir):
         assert abs(single[name] - dp2[name]) <= 1e-5 * max(1.0, abs(single[name])), name
     assert single["clipfrac_sum"] > 0  # the clip is part of what is compared
     assert abs(single["grad_norm"] - dp2["grad_norm"]) <= 1e-5 * single["grad_norm"]
-    for a, b in zip(single_scores, dp2_scores):
+    for a, b in zip(single_scores, dp2_scores, strict=True):
         assert close(a, b, 2e-5)
 
 
@@ -82,7 +82,7 @@ def test_a_replica_without_samples_adds_nothing(hf_dir):
     dp2, dp2_scores = run(hf_dir, 2, only)
     assert dp2["tokens"] == single["tokens"] == 2
     assert abs(single["grad_norm"] - dp2["grad_norm"]) <= 1e-5 * single["grad_norm"]
-    for a, b in zip(single_scores, dp2_scores):
+    for a, b in zip(single_scores, dp2_scores, strict=True):
         assert close(a, b, 2e-5)
 
 
