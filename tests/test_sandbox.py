@@ -227,3 +227,48 @@ def test_a_python_from_a_venv_under_tmp_runs_in_the_sandbox(tmp_path_factory):
         assert not (venv / "pwned").exists()
     finally:
         shutil.rmtree(venv.parent, ignore_errors=True)
+
+
+def _no_sandbox_process_left(within_s: float = 5.0) -> list:
+    """The sandbox uid's processes, once they are gone or `within_s` has passed (a killed
+    process takes a moment to be reaped)."""
+    deadline = time.monotonic() + within_s
+    while _sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _sandbox_processes()
+
+
+@pytest.mark.parametrize("program", [
+    # leaves bwrap's process group and sleeps: no CPU time, so no CPU limit ever fires
+    "import os, time\nprint(0, flush=True)\nos.setsid()\ntime.sleep(10**6)",
+    # a double-forked daemon in a session of its own, while the program itself keeps running
+    "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+    "        time.sleep(10**6)\n    os._exit(0)\nprint(0, flush=True)\ntime.sleep(10**6)",
+])
+def test_no_process_outlives_the_time_limit(program):
+    assert _score_within_limit(program, "done") == 0.0
+    assert _no_sandbox_process_left() == []
+    assert _score_within_limit("print('after')", "after") == 1.0  # the uid's process cap is free
+
+
+def test_a_directory_too_deep_for_rmtree_is_removed_and_scores_zero(tmp_path):
+    root = tmp_path / "sandboxes"
+    root.mkdir()
+    config = RewardConfig(code_test_timeout_s=LIMIT_S * 3, code_total_timeout_s=LIMIT_S * 3,
+                          sandbox=SandboxConfig(backend="bwrap", uid=SANDBOX_UID, tmp_root=str(root)))
+    deep = "import os\nfor _ in range(3000):\n    os.mkdir('d')\n    os.chdir('d')\nprint('deep')"
+    assert code_score(_response(deep), {"inputs": [""], "outputs": ["shallow"]}, config=config) == 0.0
+    assert list(root.iterdir()) == []  # nothing left on the host
+    assert code_score(_response("print('ok')"), {"inputs": [""], "outputs": ["ok"]},
+                      config=config) == 1.0
+
+
+def test_integer_answers_compare_exactly():
+    from or1_megatron.rewards.code_reward import outputs_match
+
+    assert not outputs_match("1200000000", "1200000001")
+    assert not outputs_match("3 1200000000", "3 1200000001")
+    assert outputs_match("0.3333333", "0.33333333")  # floats keep their tolerance
+    functional = {"inputs": [[10**9]], "outputs": [10**9], "fn_name": "f"}
+    assert code_score(_response("def f(x):\n    return x + 1.0"), functional, config=CONFIG) == 0.0
+    assert code_score(_response("def f(x):\n    return x"), functional, config=CONFIG) == 1.0

@@ -47,7 +47,8 @@ def sandbox_for(config: RewardConfig) -> Sandbox:
 
 
 def outputs_match(got: str, want: Any) -> bool:
-    """stdout comparison: lines with trailing blanks dropped, else token-wise with float tolerance."""
+    """stdout comparison: lines with trailing blanks dropped, else token-wise, with a tolerance
+    only where the expected token is not an integer."""
     want = want if isinstance(want, str) else "\n".join(map(str, want)) if isinstance(want, list) else str(want)
     got_lines = [line.rstrip() for line in got.strip().splitlines()]
     want_lines = [line.rstrip() for line in want.strip().splitlines()]
@@ -59,6 +60,8 @@ def outputs_match(got: str, want: Any) -> bool:
     for g, w in zip(got_tokens, want_tokens):
         if g == w:
             continue
+        if _INTEGER.fullmatch(w):  # integers are exact: 1200000000 is not 1200000001
+            return False
         try:
             if not math.isclose(float(g), float(w), rel_tol=1e-6, abs_tol=1e-6):
                 return False
@@ -67,9 +70,13 @@ def outputs_match(got: str, want: Any) -> bool:
     return True
 
 
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
 def _same_value(got: Any, want: Any) -> bool:
-    """Equality of JSON values (tuples arrive as lists), with a tolerance for floats."""
-    if isinstance(got, float) or isinstance(want, float):
+    """Equality of JSON values (tuples arrive as lists), with a tolerance where the expected
+    value is a float (an expected integer is exact: 1000000001.0 is not 1000000000)."""
+    if isinstance(want, float):
         if isinstance(got, bool) or isinstance(want, bool):
             return got == want
         try:

@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from or1_megatron.errors import OR1Error
 
 logger = logging.getLogger(__name__)
@@ -258,7 +260,19 @@ class Sandbox:
         )
 
     def _kill(self, proc: subprocess.Popen) -> None:
-        # The session holds bwrap and the namespace's PID 1; PID 1 dying ends the whole namespace.
+        """Kill bwrap and everything under it. A program that called setsid has left bwrap's
+        process group, and the uid change drops --die-with-parent, so the group alone is not
+        enough: every descendant (the namespace's PID 1 among them, whose death ends the whole
+        PID namespace) is killed by pid, found while bwrap still holds them as its tree."""
+        try:
+            descendants = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.Error:
+            descendants = []
+        for child in descendants:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -278,7 +292,18 @@ class Sandbox:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
     def _cleanup(self, host_dir: Path) -> None:
-        shutil.rmtree(host_dir, ignore_errors=True)
+        """Remove the run's host directory, however deep the program made it (shutil.rmtree
+        recurses and raises RecursionError past ~1000 levels; GNU rm does not). Never raises:
+        a directory left behind is logged, and the sample keeps its score."""
+        try:
+            subprocess.run(["rm", "-rf", "--one-file-system", "--", str(host_dir)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120,
+                           check=False)
+        except (OSError, subprocess.SubprocessError) as exc:
+            logger.warning("sandbox: could not remove %s: %s", host_dir, exc)
+            return
+        if host_dir.exists():
+            logger.warning("sandbox: %s is still there after rm -rf", host_dir)
 
 
 def _wait_for_exit(proc: subprocess.Popen, timeout_s: float) -> bool:
