@@ -251,16 +251,25 @@ def test_no_process_outlives_the_time_limit(program):
     assert _score_within_limit("print('after')", "after") == 1.0  # the uid's process cap is free
 
 
-def test_a_directory_too_deep_for_rmtree_is_removed_and_scores_zero(tmp_path):
-    root = tmp_path / "sandboxes"
-    root.mkdir()
-    config = RewardConfig(code_test_timeout_s=LIMIT_S * 3, code_total_timeout_s=LIMIT_S * 3,
-                          sandbox=SandboxConfig(backend="bwrap", uid=SANDBOX_UID, tmp_root=str(root)))
-    deep = "import os\nfor _ in range(3000):\n    os.mkdir('d')\n    os.chdir('d')\nprint('deep')"
-    assert code_score(_response(deep), {"inputs": [""], "outputs": ["shallow"]}, config=config) == 0.0
-    assert list(root.iterdir()) == []  # nothing left on the host
-    assert code_score(_response("print('ok')"), {"inputs": [""], "outputs": ["ok"]},
-                      config=config) == 1.0
+def test_a_directory_too_deep_for_rmtree_is_removed_and_scores_zero():
+    import subprocess
+    import tempfile
+
+    # Not under pytest's tmp_path: a sandbox that failed this test would leave a tree there
+    # that pytest's own clean-up (shutil.rmtree) cannot remove in later sessions.
+    root = Path(tempfile.mkdtemp(prefix="or1-deep-sandboxes-"))
+    try:
+        config = RewardConfig(code_test_timeout_s=LIMIT_S * 3, code_total_timeout_s=LIMIT_S * 3,
+                              sandbox=SandboxConfig(backend="bwrap", uid=SANDBOX_UID,
+                                                    tmp_root=str(root)))
+        deep = "import os\nfor _ in range(3000):\n    os.mkdir('d')\n    os.chdir('d')\nprint('deep')"
+        assert code_score(_response(deep), {"inputs": [""], "outputs": ["shallow"]},
+                          config=config) == 0.0
+        assert list(root.iterdir()) == []  # nothing left on the host
+        assert code_score(_response("print('ok')"), {"inputs": [""], "outputs": ["ok"]},
+                          config=config) == 1.0
+    finally:
+        subprocess.run(["rm", "-rf", "--", str(root)], check=False)
 
 
 def test_integer_answers_compare_exactly():
@@ -272,3 +281,41 @@ def test_integer_answers_compare_exactly():
     functional = {"inputs": [[10**9]], "outputs": [10**9], "fn_name": "f"}
     assert code_score(_response("def f(x):\n    return x + 1.0"), functional, config=CONFIG) == 0.0
     assert code_score(_response("def f(x):\n    return x"), functional, config=CONFIG) == 1.0
+
+
+FORGE = """import os, sys
+frame = sys._getframe()
+while frame is not None and "verdict_fd" not in frame.f_locals:
+    frame = frame.f_back
+os.write(frame.f_locals["verdict_fd"], (frame.f_locals["secret"] + " {BODY}\\n").encode())
+def f(x):
+    return -1
+"""
+
+
+@pytest.mark.parametrize("body", ["{not json", "[1, 2]", '{"passed": "all", "total": 1, "detail": "", "outputs": []}'])
+def test_a_forged_malformed_verdict_scores_zero_and_does_not_raise(body):
+    """A program that reaches the harness's verdict channel (attack 2, not closed yet) can write
+    anything there; what is not a well-formed verdict scores 0 for this sample, never raises."""
+    code = FORGE.replace("{BODY}", body.replace('"', '\\\\"'))
+    functional = {"inputs": [[1]], "outputs": [1], "fn_name": "f"}
+    assert code_score(_response(code), functional, config=CONFIG) == 0.0
+
+
+def test_comparing_a_flood_of_short_lines_costs_little_memory():
+    """A flood of one-character lines compared against the expected output: the comparison reads
+    lines and tokens as it goes instead of listing them (listed, the 16 MiB output cap's worth of
+    such lines took ~270 MiB; at this test's 512 KiB, ~8 MiB)."""
+    import tracemalloc
+
+    from or1_megatron.rewards.code_reward import outputs_match
+
+    got = "a\n" * (256 << 10)
+    want = got[:-2] + "b\n"  # differs only at the very end: every line is looked at
+    tracemalloc.start()
+    try:
+        assert not outputs_match(got, want)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * len(got), f"{peak / 2**20:.1f} MiB for {len(got) / 2**20:.1f} MiB of output"

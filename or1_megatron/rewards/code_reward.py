@@ -6,6 +6,7 @@ never runs model code any other way.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -13,7 +14,7 @@ import re
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from or1_megatron.rewards.code_tests import CodeTests, GroundTruthError, parse_code_tests
 from or1_megatron.rewards.config import RewardConfig
@@ -48,16 +49,14 @@ def sandbox_for(config: RewardConfig) -> Sandbox:
 
 def outputs_match(got: str, want: Any) -> bool:
     """stdout comparison: lines with trailing blanks dropped, else token-wise, with a tolerance
-    only where the expected token is not an integer."""
+    only where the expected token is not an integer. Lines and tokens are compared as they are
+    read, never listed: 16 MiB of one-character lines must not cost the trainer gigabytes."""
     want = want if isinstance(want, str) else "\n".join(map(str, want)) if isinstance(want, list) else str(want)
-    got_lines = [line.rstrip() for line in got.strip().splitlines()]
-    want_lines = [line.rstrip() for line in want.strip().splitlines()]
-    if got_lines == want_lines:
+    if got == want or all(g == w for g, w in itertools.zip_longest(_lines(got), _lines(want))):
         return True
-    got_tokens, want_tokens = got.split(), want.split()
-    if len(got_tokens) != len(want_tokens):
-        return False
-    for g, w in zip(got_tokens, want_tokens):
+    for g, w in itertools.zip_longest(_tokens(got), _tokens(want)):
+        if g is None or w is None:
+            return False
         if g == w:
             continue
         if _INTEGER.fullmatch(w):  # integers are exact: 1200000000 is not 1200000001
@@ -68,6 +67,19 @@ def outputs_match(got: str, want: Any) -> bool:
         except ValueError:
             return False
     return True
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The lines of `text` stripped of surrounding blank space, each right-stripped, lazily."""
+    for match in re.finditer(r"[^\r\n]*(?:\r\n|\r|\n|$)", text.strip()):
+        line = match.group()
+        if not line:
+            return
+        yield line.rstrip()
+
+
+def _tokens(text: str) -> Iterator[str]:
+    return (match.group() for match in re.finditer(r"\S+", text))
 
 
 _INTEGER = re.compile(r"[+-]?\d+")
@@ -155,9 +167,12 @@ def _run_harness_tests(sandbox: Sandbox, code: str, tests: CodeTests, config: Re
     spec["secret"] = secret
     result = sandbox.run_python(HARNESS_SOURCE, stdin=json.dumps(spec),
                                 time_limit_s=config.code_total_timeout_s + _STARTUP_S)
-    for line in result.stdout.splitlines():
+    for line in _lines(result.stdout):
         if line.startswith(secret + " "):
-            verdict = json.loads(line[len(secret) + 1:])
+            verdict = read_verdict(line[len(secret) + 1:])
+            if verdict is None:  # malformed: forged by the program, or cut off
+                logger.debug("harness verdict is malformed: %r", line[:200])
+                return False
             if verdict["detail"]:
                 logger.debug("harness: %s", verdict["detail"])
             if not (verdict["total"] > 0 and verdict["passed"] == verdict["total"]):
@@ -168,6 +183,24 @@ def _run_harness_tests(sandbox: Sandbox, code: str, tests: CodeTests, config: Re
     logger.debug("harness gave no verdict: rc=%s timed_out=%s stderr=%s", result.returncode,
                  result.timed_out, result.stderr[-500:])
     return False
+
+
+def read_verdict(text: str) -> dict[str, Any] | None:
+    """The harness's verdict {passed, total, detail, outputs}, or None unless it is exactly
+    that shape (a program that reached the verdict channel may write anything there)."""
+    try:
+        verdict = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(verdict, dict) or set(verdict) != {"passed", "total", "detail", "outputs"}:
+        return None
+    counts = (verdict["passed"], verdict["total"])
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        return None
+    if not isinstance(verdict["detail"], str) or not isinstance(verdict["outputs"], list) \
+            or not all(isinstance(o, str) for o in verdict["outputs"]):
+        return None
+    return verdict
 
 
 def run_code_tests(code: str, tests: CodeTests, config: RewardConfig | None = None) -> bool:
