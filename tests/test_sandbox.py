@@ -208,12 +208,12 @@ def test_a_python_from_a_venv_under_tmp_runs_in_the_sandbox(tmp_path_factory):
         subprocess.run([str(base), "-m", "venv", "--without-pip", str(venv)], check=True,
                        timeout=120)
         os.chmod(venv.parent, 0o755)  # as a venv made with `python -m venv /tmp/venv` is
-        # the contest imports the sandbox checks for come from this interpreter's packages
+        # the contest import the sandbox checks for, copied in (nothing outside the interpreter's
+        # prefixes is visible inside)
         import sortedcontainers
 
-        packages = Path(sortedcontainers.__file__).resolve().parents[1]
         site = next((venv / "lib").glob("python3*/site-packages"))
-        (site / "contest_imports.pth").write_text(f"{packages}\n")
+        shutil.copytree(Path(sortedcontainers.__file__).parent, site / "sortedcontainers")
         config = RewardConfig(code_test_timeout_s=LIMIT_S, code_total_timeout_s=LIMIT_S,
                               sandbox=SandboxConfig(backend="bwrap", uid=SANDBOX_UID,
                                                     python=str(venv / "bin" / "python")))
@@ -319,3 +319,33 @@ def test_comparing_a_flood_of_short_lines_costs_little_memory():
     finally:
         tracemalloc.stop()
     assert peak < 4 * len(got), f"{peak / 2**20:.1f} MiB for {len(got) / 2**20:.1f} MiB of output"
+
+
+def test_host_data_the_project_and_host_sockets_are_not_visible():
+    """Attack 3: a program that finds the data its tests come from can print the stored answer.
+    Attack 6: a host unix socket (munge's is world-writable) is reachable without a network.
+    Inside, only /usr, the interpreter's prefixes and a few /etc files exist."""
+    import socket as sockets
+    import tempfile
+
+    project = Path(__file__).resolve().parents[1]
+    sock_dir = Path(tempfile.mkdtemp(prefix="or1-sock-", dir="/var/tmp"))
+    server = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+    try:
+        sock_dir.chmod(0o777)
+        sock_path = sock_dir / "s"
+        server.bind(str(sock_path))
+        sock_path.chmod(0o777)
+        server.listen(1)
+        secret_places = [project / "README.md", project / ".git", project.parent / "shared",
+                         Path("/root/.bashrc"), Path("/run"), Path("/var")]
+        program = (
+            "import os, socket\n"
+            f"print(sum(os.path.exists(p) for p in {[str(p) for p in secret_places]!r}))\n"
+            "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+            f"try:\n    s.connect({str(sock_path)!r})\n    print('connected')\n"
+            "except OSError:\n    print('unreachable')\n")
+        assert _score_within_limit(program, "0\nunreachable") == 1.0
+    finally:
+        server.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)

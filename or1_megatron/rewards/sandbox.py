@@ -4,9 +4,10 @@ Owns process isolation and resource limits. It knows nothing about test formats 
 (see code_reward.py) and must never run a program outside the isolation it reports.
 
 Isolation, from strong to weak (`SandboxConfig.backend`):
-- "bwrap": bubblewrap with a read-only view of /, a private /tmp, private /dev and /proc, no
-  network, its own PID namespace (the program is PID 1 via --as-pid-1, so killing it ends every
-  process it started) and --die-with-parent (a dead worker leaves nothing running).
+- "bwrap": bubblewrap with a filesystem built from nothing (/usr, the interpreter's prefixes and
+  a few /etc files, read-only: no data sets, project, home directories or host sockets), a private
+  /tmp, /dev and /proc, no network, its own PID namespace (the program is PID 1 via --as-pid-1;
+  at the limit every process under bwrap is killed by pid, which ends the namespace).
 - "rlimits": the fallback when bwrap is missing: a new session, rlimits, a clean environment and,
   for root, an unprivileged uid; the file system and network stay visible. It logs a warning.
 In both, when the caller is root the program runs as an unprivileged uid (process-count limits do
@@ -36,7 +37,10 @@ from or1_megatron.errors import OR1Error
 logger = logging.getLogger(__name__)
 
 NOBODY_UID = 65534
-SANDBOX_TMP = Path("/tmp")  # a private tmpfs inside the sandbox
+SYSTEM_PREFIX = Path("/usr")  # bound read-only into every sandbox
+# The host's /etc files a Python program needs (the dynamic loader's cache, time zone, user names).
+ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime",
+             "/etc/passwd", "/etc/group")
 # Inside the sandbox: where the throwaway directory is mounted (on the private /tmp).
 WORK_DIR = "/tmp/sandbox"
 PROGRAM_PATH = "/tmp/program.py"
@@ -114,8 +118,8 @@ class Sandbox:
             raise SandboxError(f"sandbox interpreter {self.config.python!r} not found or not executable")
         # Absolute, as found here: the sandbox's PATH is not the trainer's.
         self.python = str(Path(found).absolute())
-        self._python_binds = self._interpreter_binds()
-        if self.backend == "rlimits" and self._as_root and self._python_binds:
+        hidden = any(_hidden_ancestor(prefix) for prefix in self._prefixes())
+        if self.backend == "rlimits" and self._as_root and hidden:
             # Without bwrap nothing can expose an interpreter under e.g. /root to the sandbox uid,
             # and running model code as root is not an option.
             raise SandboxError(
@@ -124,37 +128,39 @@ class Sandbox:
                 "SandboxConfig.python to an interpreter other users can run.")
 
     # ---- command construction -------------------------------------------------------------
-    def _interpreter_binds(self) -> list[str]:
-        """bwrap args that make an interpreter installed under e.g. /root or /tmp usable by the
-        sandbox uid.
-
-        A pyenv Python lives in /root (mode 0700): the unprivileged uid cannot reach it, so the
-        hidden ancestor is replaced by an empty tmpfs and only the interpreter's prefixes are bound
-        back, read-only (this also hides the rest of root's home from the program). A venv under
-        /tmp is bound back read-only onto the sandbox's private /tmp.
-        """
+    def _prefixes(self) -> list[Path]:
+        """The interpreter's installation prefixes: a venv's bin/python links to the base
+        install, so both must be reachable."""
         python = Path(self.python)
-        # A venv's bin/python links to the base install: both prefixes must be reachable.
-        prefixes = {python.absolute().parent.parent, python.resolve().parent.parent}
-        hidden: dict[Path, list[Path]] = {}
-        for prefix in sorted(prefixes):
-            # Under /tmp (a venv made there) it is hidden by the sandbox's own private /tmp.
-            top = _hidden_ancestor(prefix) or (SANDBOX_TMP if SANDBOX_TMP in prefix.parents
-                                               else None)
-            if top is not None:
-                hidden.setdefault(top, []).append(prefix)
-        args: list[str] = []
-        for top, inner in hidden.items():
-            if top != SANDBOX_TMP:  # the private /tmp is a tmpfs already
-                args += ["--perms", "0755", "--tmpfs", str(top)]
-            made = {top}
-            for prefix in inner:
-                # bwrap would create the directories in between as 0700: make them traversable.
-                for mid in reversed(prefix.parents):
-                    if mid not in made and top in mid.parents:
-                        args += ["--perms", "0755", "--dir", str(mid)]
-                        made.add(mid)
-                args += ["--ro-bind", str(prefix), str(prefix)]
+        return sorted({python.absolute().parent.parent, python.resolve().parent.parent})
+
+    def _filesystem(self) -> list[str]:
+        """bwrap args for the sandbox's whole filesystem, built from nothing: the system's
+        programs and libraries (/usr and the /bin, /lib, ... links), the few /etc files a Python
+        needs, and the interpreter's prefixes (its venv too), all read-only; a private /dev,
+        /proc and /tmp. Nothing else of the host is there: no data sets, no project (only a venv
+        inside it, when that is the interpreter), no home directories, no sockets of /run."""
+        args = ["--ro-bind", "/usr", "/usr"]
+        for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+            path = Path("/") / name
+            if path.is_symlink():
+                args += ["--symlink", os.readlink(path), str(path)]
+            elif path.is_dir():
+                args += ["--ro-bind", str(path), str(path)]
+        for name in ETC_FILES:
+            if Path(name).exists():
+                args += ["--ro-bind", name, name]
+        args += ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+        made: set[Path] = set()
+        for prefix in self._prefixes():
+            if prefix == SYSTEM_PREFIX or SYSTEM_PREFIX in prefix.parents:
+                continue  # bound with /usr
+            # Directories bwrap creates on the way are 0700 otherwise: make them traversable.
+            for mid in reversed(prefix.parents):
+                if mid != Path("/") and mid not in made:
+                    args += ["--perms", "0755", "--dir", str(mid)]
+                    made.add(mid)
+            args += ["--ro-bind", str(prefix), str(prefix)]
         return args
 
     def _limits(self, time_limit_s: float) -> list[str]:
@@ -193,8 +199,7 @@ class Sandbox:
         if self.backend == "rlimits":
             return inner
         return [
-            "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-            "--tmpfs", "/tmp", *self._python_binds,
+            "bwrap", *self._filesystem(),
             "--bind", str(host_dir / "work"), WORK_DIR,
             "--ro-bind", str(host_dir / "program.py"), PROGRAM_PATH,
             "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
