@@ -349,3 +349,42 @@ def test_host_data_the_project_and_host_sockets_are_not_visible():
     finally:
         server.close()
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+MANY_PROCESSES = """import os, time
+readers = []
+for _ in range(4):
+    r, w = os.pipe()
+    if os.fork() == 0:
+        block = bytearray(600 << 20)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        os.write(w, b"k")
+        time.sleep(3)
+        os._exit(0)
+    readers.append(r)
+got = sum(len(os.read(r, 1)) for r in readers)
+print("all" if got == 4 else "bounded")
+"""
+MEMFD = """import os
+chunk = b"x" * (15 << 20)  # each file under the 16 MiB file-size limit
+fds = [os.memfd_create("hoard") for _ in range(100)]
+for fd in fds:  # 1.5 GiB in all, none of it in the address space the per-process limit counts
+    os.write(fd, chunk)
+print("all")
+"""
+
+
+@pytest.mark.parametrize("program", [MANY_PROCESSES, MEMFD], ids=["four_processes", "memfd"])
+def test_memory_is_bounded_per_sandbox_not_per_process(program):
+    """Attack 4: the 1 GiB address-space limit is per process: four processes of 600 MB, or
+    1.5 GiB of memfd in one, took the host's memory. A cgroup caps the sandbox as a whole."""
+    if Sandbox(CONFIG.sandbox)._cgroups is None:
+        pytest.skip("no writable cgroup here: the sandbox warned at start and keeps rlimits only")
+    config = RewardConfig(code_test_timeout_s=20, code_total_timeout_s=20,
+                          sandbox=SandboxConfig(backend="bwrap", memory_mb=1024, max_processes=16,
+                                                uid=SANDBOX_UID))
+    assert code_score(_response(program), {"inputs": [""], "outputs": ["all"]}, config=config) == 0.0
+    assert _no_sandbox_process_left() == []
+    assert code_score(_response("print('after')"), {"inputs": [""], "outputs": ["after"]},
+                      config=config) == 1.0

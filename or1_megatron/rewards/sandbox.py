@@ -33,6 +33,7 @@ from pathlib import Path
 import psutil
 
 from or1_megatron.errors import OR1Error
+from or1_megatron.rewards.sandbox_cgroup import CgroupBounds, CgroupUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,8 @@ class SandboxConfig:
 
     backend: str = "auto"  # "auto" (bwrap if installed, else rlimits with a warning), "bwrap", "rlimits"
     python: str = sys.executable  # interpreter inside the sandbox; must provide the contest imports
-    memory_mb: int = 2048  # RLIMIT_AS per process
-    max_processes: int = 16  # RLIMIT_NPROC for the sandbox uid (threads count too)
+    memory_mb: int = 2048  # RLIMIT_AS per process, and the whole sandbox's memory (cgroup)
+    max_processes: int = 16  # RLIMIT_NPROC for the sandbox uid and the sandbox's cgroup (threads too)
     max_output_mb: int = 16  # RLIMIT_FSIZE: caps stdout and any file the program writes
     max_open_files: int = 256
     uid: int = NOBODY_UID  # used only when the caller is root
@@ -98,6 +99,24 @@ def resolve_backend(requested: str) -> str:
     return "bwrap"
 
 
+_CGROUP_LAYOUT: list[CgroupBounds | None] = []  # detected once per process
+
+
+def _cgroup_bounds() -> CgroupBounds | None:
+    """The per-sandbox cgroup layout, or None with a warning saying what is then not bounded."""
+    if not _CGROUP_LAYOUT:
+        try:
+            _CGROUP_LAYOUT.append(CgroupBounds.detect())
+        except (CgroupUnavailable, OSError) as exc:
+            logger.warning(
+                "SANDBOX: no per-sandbox memory and process bounds (%s); each process keeps its "
+                "rlimits, but a program's processes and memfds together may use more memory than "
+                "one process may. Run as root with a writable cgroup (v1 memory+pids, or v2 with "
+                "those controllers delegated) to bound them.", exc)
+            _CGROUP_LAYOUT.append(None)
+    return _CGROUP_LAYOUT[0]
+
+
 def _hidden_ancestor(path: Path) -> Path | None:
     """The highest ancestor of `path` that other users cannot traverse (e.g. /root), if any."""
     for parent in reversed(path.parents):
@@ -118,6 +137,7 @@ class Sandbox:
             raise SandboxError(f"sandbox interpreter {self.config.python!r} not found or not executable")
         # Absolute, as found here: the sandbox's PATH is not the trainer's.
         self.python = str(Path(found).absolute())
+        self._cgroups = _cgroup_bounds() if self.backend == "bwrap" and self._as_root else None
         hidden = any(_hidden_ancestor(prefix) for prefix in self._prefixes())
         if self.backend == "rlimits" and self._as_root and hidden:
             # Without bwrap nothing can expose an interpreter under e.g. /root to the sandbox uid,
@@ -241,6 +261,10 @@ class Sandbox:
             env["HOME"] = env["TMPDIR"] = str(work)
         argv = [self.python, "-I", script, *args]
         cmd = self._command(host_dir, argv, time_limit_s)
+        cgroups: list[Path] = []
+        if self._cgroups is not None:
+            cgroups = self._cgroups.create(self.config.memory_mb << 20, self.config.max_processes)
+            cmd = self._cgroups.enter_command(cgroups) + cmd
         with open(stdin_path, "rb") as fin, open(host_dir / "stdout", "wb") as fout, \
                 open(host_dir / "stderr", "wb") as ferr:
             start = time.monotonic()
@@ -255,6 +279,8 @@ class Sandbox:
             wall = time.monotonic() - start
         if self.backend == "rlimits":
             self._kill_leftovers(proc)
+        if cgroups:
+            CgroupBounds.remove(cgroups)
         cap = self.config.max_output_mb << 20
         return RunResult(
             returncode=returncode,
