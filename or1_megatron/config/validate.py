@@ -98,6 +98,26 @@ def _architecture(cfg: OR1Config, source: str) -> tuple[Qwen2Arch, str]:
         raise ConfigError(f"{source}: model.hf_path: {exc}") from None
 
 
+GPU_ENGINE_BACKENDS = ("sglang", "torch")
+
+
+def gpu_layout_problems(cfg: OR1Config, backend: str) -> list[tuple[str, str]]:
+    """(key, reason) for each thing colocated engines of `backend` cannot do on GPUs. Checked
+    here when the config names a GPU backend, and again by `or1 train` once "auto" is resolved."""
+    r, world = cfg.rollout, cfg.parallel.world_size
+    if backend not in GPU_ENGINE_BACKENDS or r.placement != "colocated":
+        return []
+    problems = []
+    if r.engines * r.engine_tp > world:
+        problems.append(("rollout.engines", f"{r.engines} colocated engines x engine_tp "
+                         f"{r.engine_tp} need more GPUs than the {world} policy ranks hold"))
+    if cfg.sync.transport == "distributed":
+        problems.append(("sync.transport", "distributed (NCCL) with colocated GPU engines would "
+                         "put a policy rank and its engine on one GPU in one NCCL group; use "
+                         "colocated (CUDA IPC) or rollout.placement=disaggregated"))
+    return problems
+
+
 def _validate_training(cfg: OR1Config, source: str) -> None:
     """The training loop's sections: algorithm, rollout, data, checkpoints, logging."""
     a, r, d = cfg.algo, cfg.rollout, cfg.data
@@ -128,14 +148,8 @@ def _validate_training(cfg: OR1Config, source: str) -> None:
     _check(not colocated or world % r.engine_tp == 0, source, "rollout.engine_tp",
            f"colocated engines use the policy ranks' devices: engine_tp={r.engine_tp} must "
            f"divide parallel.world_size={world}")
-    on_gpus = r.backend in ("sglang", "torch")
-    _check(not (on_gpus and colocated and r.engines * r.engine_tp > world), source,
-           "rollout.engines", f"{r.engines} colocated engines x engine_tp {r.engine_tp} need "
-           f"more GPUs than the {world} policy ranks hold")
-    _check(not (on_gpus and colocated and cfg.sync.transport == "distributed"), source,
-           "sync.transport", "distributed (NCCL) with colocated GPU engines would put a policy "
-           "rank and its engine on one GPU in one NCCL group; use colocated (CUDA IPC) or "
-           "rollout.placement=disaggregated")
+    for key, reason in gpu_layout_problems(cfg, r.backend):
+        _check(False, source, key, reason)
     _check(r.temperature > 0, source, "rollout.temperature", f"must be > 0, got {r.temperature}")
     _check(0 < r.top_p <= 1, source, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _check(0 < r.mem_fraction < 1, source, "rollout.mem_fraction",

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from or1_megatron.config.schema import OR1Config
+from or1_megatron.config.validate import GPU_ENGINE_BACKENDS
 
 RANK_SHARE = 0.8     # of a bundle's GPU, for a colocated policy rank
 ENGINE_SHARE = 0.1   # for the colocated engine host in its first bundle
 PROBE_SHARE = 0.05   # for the task that reads a bundle's GPU id (released when it returns)
-GPU_BACKENDS = ("sglang", "torch")  # engines that run on GPUs
+GPU_BACKENDS = GPU_ENGINE_BACKENDS  # engines that run on GPUs
 
 
 @dataclass(frozen=True)

@@ -117,8 +117,9 @@ def restart_lr_schedule(state: PolicyRank, lr: float, warmup_steps: int) -> None
 def release_cached_memory(state: PolicyRank) -> None:
     """Give the GPU memory torch caches but no tensor uses back to the device, so a colocated
     engine resuming its weights and KV cache finds it free (nothing to do on CPU)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    device = state.worker.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from or1_megatron.config.loader import save_resolved_config
 from or1_megatron.config.schema import OR1Config
 from or1_megatron.config.stages import total_steps
+from or1_megatron.config.validate import gpu_layout_problems
 from or1_megatron.controller import ranks
 from or1_megatron.controller.checkpoints import CheckpointDirs
 from or1_megatron.controller.data import base_model_path, load_training_data
@@ -70,12 +71,9 @@ def run_placement(config: OR1Config) -> Placement:
         raise OR1Error(f"rollout.backend={backend} runs engines on GPUs and this machine has "
                        "none; use rollout.backend=cpu")
     placement = plan_placement(config, backend, gpus=_has_gpu())
-    if (placement.gpu_engines and config.rollout.placement == "colocated"
-            and config.sync.transport == "distributed"):
-        raise OR1Error("sync.transport=distributed with rollout.placement=colocated on GPUs "
-                       "would put a policy rank and its engine on one GPU in one NCCL group "
-                       "(NCCL refuses that); use sync.transport=colocated (CUDA IPC) or "
-                       "rollout.placement=disaggregated")
+    problems = gpu_layout_problems(config, backend)  # the config's checks, "auto" resolved
+    if problems:
+        raise OR1Error("; ".join(f"{key}: {reason}" for key, reason in problems))
     world, r = config.parallel.world_size, config.rollout
     if placement.gpu_engines and r.placement == "colocated" and world > 1:
         # Each engine TP rank must get CUDA IPC handles from the policy rank on its own GPU
@@ -85,9 +83,6 @@ def run_placement(config: OR1Config) -> Placement:
                        "CUDA IPC handles come from one rank per pipeline stage, which only the "
                        "engine on that rank's GPU can open; use parallel.world_size=1, or "
                        "rollout.placement=disaggregated with sync.transport=distributed (NCCL)")
-    if placement.gpu_engines and r.placement == "colocated" and r.engines * r.engine_tp > world:
-        raise OR1Error(f"{r.engines} colocated engines x engine_tp {r.engine_tp} need more GPUs "
-                       f"than the {world} policy ranks hold")
     return placement
 
 

@@ -9,8 +9,10 @@ entropy come from the fused kernel over the output weight, so no [tokens, vocab]
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -200,23 +202,26 @@ def _host_bounds(packed_seq_params) -> list[int]:
     return list(bounds) if bounds is not None else packed_seq_params.cu_seqlens_q.tolist()
 
 
-def varlen_attention_available() -> bool:
+@functools.lru_cache(maxsize=1)
+def _varlen_attn() -> tuple[Any, frozenset[str]] | None:
+    """torch's varlen flash attention and the names of its parameters (they changed between
+    torch releases), looked up once; None where this torch has none."""
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return False
-    return True
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_attention_available() -> bool:
+    return _varlen_attn() is not None
 
 
 def varlen_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             cu_seqlens: torch.Tensor, max_seqlen: int, scale: float) -> torch.Tensor:
     """torch's varlen flash attention, causal within each packed sequence, GQA without copies
     of K/V where this torch has it ([t, heads, d] in and out)."""
-    import inspect
-
-    from torch.nn.attention.varlen import varlen_attn
-
-    params = inspect.signature(varlen_attn).parameters
+    varlen_attn, params = _varlen_attn()
     kwargs: dict = {"scale": scale}
     if "window_size" in params:
         kwargs["window_size"] = (-1, 0)  # causal

@@ -51,17 +51,13 @@ def init_parallel(parallel: ParallelConfig, seed: int) -> RankLayout:
         on_gpu = torch.distributed.get_backend() == "nccl"
     else:
         on_gpu = torch.cuda.is_available()
-    if on_gpu and parallel.context_parallel > 1:
+    if parallel.context_parallel > 1:
         raise RuntimeError(
             "parallel.context_parallel > 1 is not built yet: packed micro-batches are not split "
-            "per context-parallel rank; use context_parallel=1")
+            "per context-parallel rank (and it needs transformer-engine attention, GPUs only); "
+            "use context_parallel=1")
     if not on_gpu:
         apply_cpu_patches()
-        if parallel.context_parallel > 1:
-            raise RuntimeError(
-                "parallel.context_parallel > 1 needs transformer-engine attention, which runs only "
-                "on GPUs; use context_parallel=1 on CPU"
-            )
     if not torch.distributed.is_initialized():
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -7,11 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from or1_megatron.config.schema import MATH_BOXED, REWARD_COMPAT
 from or1_megatron.rewards.sandbox import SandboxConfig
 
 
-MATH_BOXED = ("last", "all")  # as config.schema's rewards.math.boxed
-COMPAT_MODES = ("or1", "released")  # as rewards.math.compat
 
 
 @dataclass
@@ -39,5 +38,5 @@ class RewardConfig:
     def __post_init__(self) -> None:
         if self.math_boxed not in MATH_BOXED:
             raise ValueError(f"math_boxed {self.math_boxed!r} is not one of {MATH_BOXED}")
-        if self.compat not in COMPAT_MODES:
-            raise ValueError(f"compat {self.compat!r} is not one of {COMPAT_MODES}")
+        if self.compat not in REWARD_COMPAT:
+            raise ValueError(f"compat {self.compat!r} is not one of {REWARD_COMPAT}")

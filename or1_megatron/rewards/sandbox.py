@@ -138,6 +138,8 @@ class Sandbox:
         # Absolute, as found here: the sandbox's PATH is not the trainer's.
         self.python = str(Path(found).absolute())
         self._cgroups = _cgroup_bounds() if self.backend == "bwrap" and self._as_root else None
+        # The same for every run: built once, not per test case.
+        self._filesystem_args = self._filesystem() if self.backend == "bwrap" else []
         hidden = any(_hidden_ancestor(prefix) for prefix in self._prefixes())
         if self.backend == "rlimits" and self._as_root and hidden:
             # Without bwrap nothing can expose an interpreter under e.g. /root to the sandbox uid,
@@ -219,7 +221,7 @@ class Sandbox:
         if self.backend == "rlimits":
             return inner
         return [
-            "bwrap", *self._filesystem(),
+            "bwrap", *self._filesystem_args,
             "--bind", str(host_dir / "work"), WORK_DIR,
             "--ro-bind", str(host_dir / "program.py"), PROGRAM_PATH,
             "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
