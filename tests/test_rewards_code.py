@@ -156,7 +156,7 @@ class Always:
     ({"inputs": ["1"], "outputs": ["2"], "fn_name": "f"},
      "import __main__\n__main__._functional_tests = lambda s, n, o: []\ndef f(x):\n    return 0"),
     ({"assert_case": ["assert f(1) == 2"]},
-     "import __main__\n__main__._assert_case_tests = lambda s, n, o: [lambda: None]\ndef f(x):\n    return 0"),
+     "import __main__\n__main__._probe_tests = lambda s, n, o: [lambda: None]\ndef f(x):\n    return 0"),
 ])
 def test_tampering_with_the_harness_scores_zero(ground_truth, solution):
     assert code_score(_response(solution), ground_truth) == 0.0
@@ -184,3 +184,32 @@ def test_functional_tests_whose_expected_output_is_a_plain_string():
     as_json = {**tests, "outputs": ['"fl"', '""']}  # the LiveCodeBench convention
     assert code_score(_response(right), as_json) == 1.0
     assert code_score(_response(wrong), as_json) == 0.0
+
+
+LIST_CHECK = ("def check(candidate):\n"
+              "    assert is_same_list(candidate(head = list_node([1, 2, 3])), list_node([3, 2, 1]))\n"
+              "    assert is_same_list(candidate(head = list_node([])), list_node([]))\n")
+REVERSE = ("class Solution:\n    def solve(self, head):\n        previous = None\n"
+           "        while head:\n            head.next, previous, head = previous, head, head.next\n"
+           "        return previous\n")
+TREE_CHECK = ("def check(candidate):\n    assert is_same_tree(candidate(root = tree_node([4, 2, 7, 1, 3])), "
+              "tree_node([4, 7, 2, None, None, 3, 1]))\n")
+INVERT = ("class Solution:\n    def solve(self, root):\n        if root:\n"
+          "            root.left, root.right = self.solve(root.right), self.solve(root.left)\n"
+          "        return root\n")
+
+
+@pytest.mark.parametrize("check, right, wrong", [
+    (LIST_CHECK, REVERSE, REVERSE.replace("return previous", "return previous and previous.next")),
+    (TREE_CHECK, INVERT, INVERT.replace("if root:", "if False:")),
+], ids=["linked_list", "tree"])
+def test_linked_list_and_tree_answers_are_judged_outside(shared_data, check, right, wrong):
+    """LeetCodeDataset checks list and tree answers with its prelude's is_same_list/is_same_tree;
+    the sandbox reports the returned ListNode/TreeNode as values and they are compared here."""
+    import gzip
+
+    with gzip.open(shared_data / "code" / "leetcodedataset_v0.3.1_test_part1.jsonl.gz", "rt") as f:
+        prelude = json.loads(f.readline())["prompt"]
+    tests = {"import_prefix": prelude, "entry_point": "Solution().solve", "test_code": check}
+    assert code_score(_response(right), tests) == 1.0
+    assert code_score(_response(wrong), tests) == 0.0

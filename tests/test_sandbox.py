@@ -14,6 +14,7 @@ import pytest
 
 from or1_megatron.rewards import RewardConfig, Sandbox, SandboxConfig, code_score
 from or1_megatron.rewards.sandbox import NOBODY_UID
+from tests.test_rewards_code import RIGGED_EQ
 
 LIMIT_S = 3.0
 # A uid of its own, so that the leftover-process check sees only this module's programs.
@@ -295,8 +296,9 @@ def f(x):
 
 @pytest.mark.parametrize("body", ["{not json", "[1, 2]", '{"passed": "all", "total": 1, "detail": "", "outputs": []}'])
 def test_a_forged_malformed_verdict_scores_zero_and_does_not_raise(body):
-    """A program that reaches the harness's verdict channel (attack 2, not closed yet) can write
-    anything there; what is not a well-formed verdict scores 0 for this sample, never raises."""
+    """A program that reaches the harness's verdict channel can write anything there; what is not
+    a well-formed verdict scores 0 for this sample, never raises (a well-formed one only reports
+    values, judged outside: see test_assert_style_tests_cannot_be_faked)."""
     code = FORGE.replace("{BODY}", body.replace('"', '\\\\"'))
     functional = {"inputs": [[1]], "outputs": [1], "fn_name": "f"}
     assert code_score(_response(code), functional, config=CONFIG) == 0.0
@@ -388,3 +390,47 @@ def test_memory_is_bounded_per_sandbox_not_per_process(program):
     assert _no_sandbox_process_left() == []
     assert code_score(_response("print('after')"), {"inputs": [""], "outputs": ["after"]},
                       config=config) == 1.0
+
+
+# Attack 2: assert-style tests judged next to the solution could be faked. Each of these solutions
+# is wrong (f(x) should be x + 1); each faking trick made it score 1.
+ASSERT_TESTS = {
+    "check(candidate)": {"import_prefix": "", "entry_point": "f",
+                         "test_code": "def check(candidate):\n    assert candidate(1) == 2\n"
+                                      "    assert candidate(5) == 6\n"},
+    "assert_case": {"assert_case": ["assert f(1) == 2", "assert f(5) == 6"]},
+}
+FAKES = {
+    "rigged_eq": RIGGED_EQ + "def f(x):\n    return Always()",
+    "replaced_exec": "import builtins\nbuiltins.exec = lambda *args, **kwargs: None\n"
+                     "builtins.eval = lambda *args, **kwargs: (lambda *a, **k: 0)\n"
+                     "def f(x):\n    return 0",
+    "forged_verdict": "import os, sys\nframe = sys._getframe()\n"
+                      "while frame is not None and 'verdict_fd' not in frame.f_locals:\n"
+                      "    frame = frame.f_back\n"
+                      "if frame is not None:\n"
+                      "    os.write(frame.f_locals['verdict_fd'], (frame.f_locals['secret'] + ' {\"passed\": 2,"
+                      " \"total\": 2, \"detail\": \"\", \"outputs\": []}\\n').encode())\n"
+                      "    os._exit(0)\n"
+                      "def f(x):\n    return 0",
+    # takes the expected value of the matching assert out of the harness's spec in memory
+    "read_the_spec": "import re, sys\n"
+                     "def f(x):\n"
+                     "    frame = sys._getframe()\n"
+                     "    while frame is not None:\n"
+                     "        text = repr(frame.f_locals)\n"
+                     "        found = re.search(r'\\(%d\\) == (\\d+)' % x, text)\n"
+                     "        if found:\n"
+                     "            return int(found.group(1))\n"
+                     "        frame = frame.f_back\n"
+                     "    return 0",
+}
+
+
+@pytest.mark.parametrize("schema", sorted(ASSERT_TESTS))
+@pytest.mark.parametrize("fake", sorted(FAKES))
+def test_assert_style_tests_cannot_be_faked(schema, fake):
+    ground_truth = ASSERT_TESTS[schema]
+    assert code_score(_response(FAKES[fake]), ground_truth, config=CONFIG) == 0.0
+    assert _no_sandbox_process_left() == []
+    assert code_score(_response("def f(x):\n    return x + 1"), ground_truth, config=CONFIG) == 1.0

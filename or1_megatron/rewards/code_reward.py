@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from or1_megatron.rewards.assert_judge import judge
 from or1_megatron.rewards.code_tests import CodeTests, GroundTruthError, parse_code_tests
 from or1_megatron.rewards.config import RewardConfig
 from or1_megatron.rewards.response import graded_text
@@ -149,15 +150,14 @@ def _run_stdin_tests(sandbox: Sandbox, code: str, tests: CodeTests, config: Rewa
 
 
 def _harness_spec(code: str, tests: CodeTests, per_test_s: float) -> dict[str, Any]:
-    spec: dict[str, Any] = {"mode": tests.kind, "solution": code, "prefix": tests.import_prefix,
-                            "per_test_s": per_test_s}
+    """What the harness gets. Expected outputs and assert right-hand sides stay out: they are
+    compared here."""
+    spec: dict[str, Any] = {"solution": code, "prefix": tests.import_prefix, "per_test_s": per_test_s}
     if tests.kind == "functional":
-        # The expected outputs stay out of the sandbox: they are compared here.
-        spec.update(fn_name=tests.fn_name, inputs=tests.inputs)
-    elif tests.kind == "assert":
-        spec.update(test_code=tests.test_code, entry_point=tests.entry_point)
+        spec.update(mode="functional", fn_name=tests.fn_name, inputs=tests.inputs)
     else:
-        spec.update(assert_case=tests.assert_case)
+        spec.update(mode="probes", setup=tests.setup, candidate=tests.candidate,
+                    entry_point=tests.entry_point, probes=[check.probe for check in tests.checks])
     return spec
 
 
@@ -177,9 +177,13 @@ def _run_harness_tests(sandbox: Sandbox, code: str, tests: CodeTests, config: Re
                 logger.debug("harness: %s", verdict["detail"])
             if not (verdict["total"] > 0 and verdict["passed"] == verdict["total"]):
                 return False
+            # The verdict only says every test ran; whether the values are right is decided here.
             if tests.kind == "functional":
                 return _functional_outputs_match(verdict["outputs"], tests.outputs)
-            return True
+            passed, why = judge(tests.checks, verdict["outputs"])
+            if not passed:
+                logger.debug("assert tests: %s", why)
+            return passed
     logger.debug("harness gave no verdict: rc=%s timed_out=%s stderr=%s", result.returncode,
                  result.timed_out, result.stderr[-500:])
     return False

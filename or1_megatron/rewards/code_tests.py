@@ -1,7 +1,8 @@
 """Code ground truth: parse Skywork-OR1-RL-Data's test schemas into one typed `CodeTests`.
 
 Owns the schemas (stdin/stdout, functional `fn_name`, assert-based `check(candidate)` with an
-import prelude, `assert_case` lists) and their validation; it runs nothing.
+import prelude, `assert_case` lists) and their validation; it runs nothing. Assert-based tests are
+split into probes and trusted expected values here, once per row (assert_judge.py).
 """
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from or1_megatron.errors import OR1Error
+from or1_megatron.rewards.assert_judge import (AssertCheck, GroundTruthError, assert_case_checks,
+                                               check_function_tests)
 
 # The import prelude OR1 puts before `assert_case` tests (and LeetCode-style solutions).
 DEFAULT_IMPORT_PREFIX = """from typing import *
@@ -27,10 +29,6 @@ inf = float('inf')
 """
 
 
-class GroundTruthError(OR1Error):
-    """A code ground truth matches none of the supported schemas."""
-
-
 @dataclass
 class CodeTests:
     """One problem's tests. `kind` is "stdin", "functional", "assert" or "assert_case"."""
@@ -43,14 +41,17 @@ class CodeTests:
     test_code: str = ""
     entry_point: str = ""
     assert_case: list[str] = field(default_factory=list)
+    # Assert-based kinds: what runs inside the sandbox (setup, then `candidate` bound to
+    # entry_point, then each check's probe) and what is judged outside (the checks).
+    setup: str = ""
+    candidate: str = ""
+    checks: list[AssertCheck] = field(default_factory=list)
 
     @property
     def count(self) -> int:
         if self.kind in ("stdin", "functional"):
             return len(self.inputs)
-        if self.kind == "assert_case":
-            return len(self.assert_case)
-        return 1
+        return len(self.checks)
 
 
 def _as_dict(ground_truth: Any) -> dict[str, Any]:
@@ -73,13 +74,15 @@ def parse_code_tests(ground_truth: Any) -> CodeTests:
         missing = [k for k in ("test_code", "entry_point") if k not in gt]
         if missing:
             raise GroundTruthError(f"assert-based ground truth lacks {missing}")
+        split = check_function_tests(gt["test_code"])
         return CodeTests(kind="assert", import_prefix=gt.get("import_prefix", ""),
-                         test_code=gt["test_code"], entry_point=gt["entry_point"])
+                         test_code=gt["test_code"], entry_point=gt["entry_point"],
+                         setup=split.setup, candidate=split.candidate, checks=split.checks)
     if "assert_case" in gt:
         cases = gt["assert_case"]
         if not isinstance(cases, list) or not all(isinstance(c, str) for c in cases):
             raise GroundTruthError("assert_case must be a list of assertion strings")
-        return CodeTests(kind="assert_case", assert_case=cases,
+        return CodeTests(kind="assert_case", assert_case=cases, checks=assert_case_checks(cases),
                          import_prefix=gt.get("import_prefix", DEFAULT_IMPORT_PREFIX))
     if "inputs" in gt and "outputs" in gt:
         inputs, outputs = list(gt["inputs"]), list(gt["outputs"])

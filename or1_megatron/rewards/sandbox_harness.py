@@ -9,14 +9,14 @@ stdin and stdout at /dev/null before any solution code runs, so the solution can
 line by accident or read the spec; the verdict goes to a private duplicate of the original stdout
 as one line `<secret> <json>`. An `exit(0)` inside the solution therefore yields no verdict (score 0).
 
-Trust: functional tests are judged OUTSIDE the sandbox. The harness receives only their inputs and
-reports each return value as JSON; the reward process compares them with the expected outputs,
-which never enter the sandbox, so no tampering inside it can turn a wrong answer into a pass.
-Assert-based tests must run their asserts next to the solution, in this process: the harness binds
-everything it needs before the solution runs (patching this module's globals changes nothing), but
-a solution that walks interpreter frames or replaces builtins could still fake a verdict there.
+Trust: nothing is judged here. Functional tests send only their inputs; the harness reports each
+return value as JSON and the reward process compares them with the expected outputs. Assert-based
+tests send only each assert's probe (the expression the solution computes, e.g. `candidate(7)`);
+the harness reports its value encoded by `_encode` and the reward process judges the assert
+(assert_judge.py). The expected values never enter the sandbox, so whatever a solution does in
+here (rig `__eq__`, replace builtins, walk frames to the verdict channel and write one), it cannot
+know which values would pass.
 """
-import ast
 import json
 import os
 import signal
@@ -71,33 +71,88 @@ def _functional_tests(spec, namespace, outputs):
     return tests
 
 
-def _statement_tests(statements, namespace):
+# Values deeper than this are reported as unserialisable (a cycle would never end).
+_MAX_DEPTH = 200
+
+
+def _encode(value, depth=0):
+    """A return value as JSON-ready data that keeps Python's equality: a tuple is not a list,
+    dict keys need not be strings; ListNode/TreeNode (the LeetCode prelude's classes) become
+    their values. Every JSON object is a tag (see assert_judge.decode_value). Anything else is
+    not reported (TypeError): the test fails."""
+    if depth > _MAX_DEPTH:
+        raise ValueError("value nested too deeply to report")
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        value = int.__index__(value)
+        return value if value.bit_length() < 4000 else {"int": hex(value)}
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, bytes):
+        return {"bytes": bytes(value).hex()}
+    if isinstance(value, list):
+        return [_encode(item, depth + 1) for item in list.__iter__(value)]
+    if isinstance(value, tuple):
+        return {"tuple": [_encode(item, depth + 1) for item in tuple.__iter__(value)]}
+    if isinstance(value, (set, frozenset)):
+        return {"set": [_encode(item, depth + 1) for item in value]}
+    if isinstance(value, dict):
+        return {"dict": [[_encode(k, depth + 1), _encode(v, depth + 1)] for k, v in dict.items(value)]}
+    kind = type(value).__name__
+    if kind == "ListNode":
+        return {"list_node": _list_values(value, depth)}
+    if kind == "TreeNode":
+        return {"tree_node": _tree_level_order(value, depth)}
+    raise TypeError(f"a {kind} cannot be reported: return plain data")
+
+
+_MAX_NODES = 1 << 20
+
+
+def _list_values(head, depth):
+    values = []
+    while head is not None:
+        if len(values) >= _MAX_NODES:
+            raise ValueError("linked list too long (a cycle?)")
+        values.append(_encode(head.val, depth + 1))
+        head = head.next
+    return values
+
+
+def _tree_level_order(root, depth):
+    order, queue, index = [], [root], 0
+    while index < len(queue):
+        node = queue[index]
+        index += 1
+        if node is None:
+            order.append(None)
+            continue
+        if len(queue) > 2 * _MAX_NODES:
+            raise ValueError("tree too large (a cycle?)")
+        order.append(_encode(node.val, depth + 1))
+        queue.extend((node.left, node.right))
+    while order and order[-1] is None:
+        order.pop()
+    return order
+
+
+def _probe_tests(spec, namespace, outputs):
+    """Assert-based tests: the test code's helpers run first, `candidate` is bound to the entry
+    point, then one test per probe expression, each appending its encoded value to `outputs`."""
+    exec(compile(spec["setup"], "<test>", "exec"), namespace)
+    if spec["candidate"]:
+        namespace[spec["candidate"]] = eval(spec["entry_point"], namespace)
+    dumps, encode = json.dumps, _encode
     tests = []
-    for stmt in statements:
-        code = compile(ast.Module(body=[stmt], type_ignores=[]), "<test>", "exec")
-        tests.append(lambda code=code: exec(code, namespace))
+    for source in spec["probes"]:
+        code = compile(source, "<test>", "eval")
+        def run(code=code):
+            outputs.append(dumps(encode(eval(code, namespace))))
+        tests.append(run)
     return tests
-
-
-def _assert_tests(spec, namespace, outputs):
-    tree = ast.parse(spec["test_code"])
-    check = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "check"), None)
-    if check is None:
-        raise ValueError("test_code defines no check(candidate)")
-    # Module-level helpers of the test code (everything but check) run first.
-    exec(compile(ast.Module(body=[n for n in tree.body if n is not check], type_ignores=[]),
-                 "<test>", "exec"), namespace)
-    namespace[check.args.args[0].arg if check.args.args else "candidate"] = eval(
-        spec["entry_point"], namespace)
-    # One test per statement of check's body, run in one namespace so later asserts see earlier names.
-    return _statement_tests(check.body, namespace)
-
-
-def _assert_case_tests(spec, namespace, outputs):
-    statements = []
-    for case in spec["assert_case"]:
-        statements.extend(ast.parse(case).body)
-    return _statement_tests(statements, namespace)
 
 
 def main():
@@ -109,8 +164,7 @@ def main():
     os.dup2(devnull, 1)
     signal.signal(signal.SIGALRM, _on_alarm)
     # Bound before any solution code runs: rebinding module globals later changes nothing here.
-    build = {"functional": _functional_tests, "assert": _assert_tests,
-             "assert_case": _assert_case_tests}[spec["mode"]]
+    build = {"functional": _functional_tests, "probes": _probe_tests}[spec["mode"]]
     timed, exec_solution, write, dumps = _timed, _exec_solution, os.write, json.dumps
     per_test_s = spec["per_test_s"]
     passed, total, detail, outputs = 0, 0, "", []
