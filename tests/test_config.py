@@ -130,6 +130,8 @@ def test_stages_inherit_batch_sizes_and_number_their_steps(tmp_path, hf_dir):
     (["rollout.backend=vllm"], r"rollout\.backend: 'vllm' is not one of"),
     (["algo.entropy.coef_min=0.5", "algo.entropy.coef_max=0.1"], r"algo\.entropy\.coef_max"),
     (["data.eval_every=5"], r"data\.eval_files: data\.eval_every=5 but there is nothing to evaluate"),
+    (["checkpoint.hf_every=-1"], r"checkpoint\.hf_every: must be >= 0"),
+    (["checkpoint.hf_keep=0"], r"checkpoint\.hf_keep: must be >= 1"),
     # what cannot run on GPUs yet, or at all, refused before anything starts
     (["parallel.context_parallel=2"], r"parallel\.context_parallel: 2 is not supported yet"),
     (["rollout.backend=torch", "rollout.engine_tp=2"], r"rollout\.engine_tp: the torch engine runs on one GPU"),

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -25,6 +26,7 @@ OVERRIDES = [
     "batch.mini_batch_prompts=2", "batch.group_size=4", f"stages.0.steps={STEPS}",
     "checkpoint.every_steps=2", "checkpoint.keep=3", "algo.drop_uniform_groups=false",
     "algo.entropy.coef_init=0.01", "algo.entropy.target=100", "sync.bucket_mb=0.05",
+    "checkpoint.hf_every=2", "checkpoint.hf_keep=2",
 ]
 
 
@@ -75,6 +77,48 @@ def test_a_short_run_trains_syncs_and_records_every_step(uninterrupted):
     assert (run_dir / "config.yaml").is_file() and (run_dir / "base_model" / "config.json").is_file()
     log = (run_dir / "train.log").read_text()
     assert "restarted" not in log  # every sync verified against the engine on the first try
+
+
+def _score_checkpoint(rank, world, hf_dir, checkpoint, sequences):
+    from or1_megatron.policy.worker import PolicyWorker
+    from tests.policy_support import policy_config
+
+    config = policy_config(hf_dir, **{"model.megatron_checkpoint": str(checkpoint),
+                                      "model.make_vocab_size_divisible_by": 8})  # the demo's
+    return [r.logprob for r in PolicyWorker(config).compute_logprobs(sequences)]
+
+
+def test_hf_exports_equal_the_converter_and_score_like_the_trainer(uninterrupted, tmp_path):
+    """checkpoint.hf_every=2, hf_keep=2: steps 0, 2 and 4 were exported, 2 and 4 kept. The export
+    of step 4 is, file for file and byte for byte, what `or1 convert mcore-to-hf` makes of that
+    step's checkpoint; it loads in transformers and scores sequences as the Megatron policy
+    restored from the checkpoint does."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from or1_megatron.distributed.fork_launcher import run_forked
+    from or1_megatron.policy.oracle import transformers_oracle
+    from tests.policy_support import random_sequences
+
+    run_dir, proc = uninterrupted
+    assert sorted(p.name for p in (run_dir / "hf").iterdir()) == ["step_0000002", "step_0000004"]
+    exported, checkpoint = run_dir / "hf" / "step_0000004", run_dir / "checkpoints" / "step_0000004"
+    converted = tmp_path / "converted"
+    subprocess.run([sys.executable, "-m", "or1_megatron.cli", "convert", "mcore-to-hf", "--mcore-dir",
+                    str(checkpoint), "--out", str(converted), "--dtype", "fp32"],
+                   check=True, cwd=ROOT, capture_output=True, timeout=300)
+    names = sorted(p.name for p in exported.iterdir())
+    assert names == sorted(p.name for p in converted.iterdir())
+    assert {"config.json", "tokenizer.json", "model.safetensors.index.json"} <= set(names)
+    for name in names:
+        assert (exported / name).read_bytes() == (converted / name).read_bytes(), name
+    assert "hf export: " in (run_dir / "train.log").read_text()
+
+    AutoTokenizer.from_pretrained(exported)
+    assert next(AutoModelForCausalLM.from_pretrained(exported).parameters()).dtype == torch.float32
+    sequences = random_sequences(256, (9, 14, 5))
+    megatron = run_forked(_score_checkpoint, 1, run_dir / "base_model", checkpoint, sequences)[0]
+    for got, expected in zip(megatron, transformers_oracle(exported, sequences), strict=True):
+        torch.testing.assert_close(got.double(), expected["logprob"], atol=1e-4, rtol=0)
 
 
 def test_killed_run_resumes_with_identical_metrics(uninterrupted, tmp_path):

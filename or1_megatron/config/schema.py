@@ -238,6 +238,11 @@ class CheckpointConfig:
     # Save every N steps (0: only at the end and on SIGTERM); keep the newest `keep`.
     every_steps: int = 50
     keep: int = 2
+    # Also write a Hugging Face checkpoint (<run_dir>/hf/step_N: safetensors, config, tokenizer)
+    # every N steps and at the end (0: never), for `or1 eval`, `or1 serve` or a release; keep
+    # the newest `hf_keep`. Its tensors equal `or1 convert mcore-to-hf` of that step's checkpoint.
+    hf_every: int = 0
+    hf_keep: int = 2
 
 
 @dataclass

@@ -162,6 +162,8 @@ def _validate_training(cfg: OR1Config, source: str) -> None:
            "data.eval_files", f"data.eval_every={d.eval_every} but there is nothing to evaluate")
     _check(cfg.checkpoint.every_steps >= 0, source, "checkpoint.every_steps", "must be >= 0")
     _check(cfg.checkpoint.keep >= 1, source, "checkpoint.keep", "must be >= 1")
+    _check(cfg.checkpoint.hf_every >= 0, source, "checkpoint.hf_every", "must be >= 0 (0: never)")
+    _check(cfg.checkpoint.hf_keep >= 1, source, "checkpoint.hf_keep", "must be >= 1")
     _check(cfg.warmup.sft_steps >= 0, source, "warmup.sft_steps", "must be >= 0")
     _check(cfg.warmup.sft_steps == 0 or d.arithmetic.enabled, source, "warmup.sft_steps",
            "the supervised warm-up needs reference responses: only data.arithmetic has them")

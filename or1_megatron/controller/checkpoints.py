@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 from or1_megatron.errors import CheckpointError
 from or1_megatron.policy.checkpoint_meta import read_metadata, resolve_checkpoint_dir
@@ -16,25 +17,37 @@ from or1_megatron.policy.checkpoint_meta import read_metadata, resolve_checkpoin
 PREFIX = "step_"
 
 
-class CheckpointDirs:
-    def __init__(self, run_dir: str | Path):
-        self.root = Path(run_dir) / "checkpoints"
+class StepDirs:
+    """Directories `<root>/step_NNNNNNN`, one per saved step."""
+
+    def __init__(self, root: Path):
+        self.root = root
 
     def for_step(self, step: int) -> Path:
         return self.root / f"{PREFIX}{step:07d}"
 
-    def complete(self) -> list[tuple[int, Path]]:
-        """(step, directory) of every complete checkpoint, oldest first."""
-        found = []
+    def numbered(self) -> Iterator[tuple[int, Path]]:
+        """(step, directory) of every `step_N` (not its `.saving`/`.previous` siblings)."""
         for path in self.root.glob(f"{PREFIX}*"):
             suffix = path.name[len(PREFIX):]
-            if not suffix.isdigit():
-                continue  # .saving / .previous siblings are reached through resolve_checkpoint_dir
+            if suffix.isdigit():
+                yield int(suffix), path
+
+
+class CheckpointDirs(StepDirs):
+    def __init__(self, run_dir: str | Path):
+        super().__init__(Path(run_dir) / "checkpoints")
+
+    def complete(self) -> list[tuple[int, Path]]:
+        """(step, directory) of every complete checkpoint, oldest first (save leftovers are
+        reached through resolve_checkpoint_dir)."""
+        found = []
+        for step, path in self.numbered():
             try:
                 read_metadata(path)
             except (CheckpointError, ValueError, OSError):
                 continue
-            found.append((int(suffix), resolve_checkpoint_dir(path)))
+            found.append((step, resolve_checkpoint_dir(path)))
         return sorted(found)
 
     def latest(self) -> tuple[int, Path] | None:

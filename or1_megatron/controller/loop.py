@@ -29,6 +29,7 @@ from or1_megatron.config.stages import Stage, resolve_stages, stage_at, total_st
 from or1_megatron.controller import ranks
 from or1_megatron.controller.batch import TrainBatch, TrainSample, mini_batches
 from or1_megatron.controller.checkpoints import CheckpointDirs
+from or1_megatron.controller.hf_exports import HfExports
 from or1_megatron.controller.metrics import MetricsWriter
 from or1_megatron.controller.rollout import RolloutBatch, collect_rollouts
 from or1_megatron.controller.sampler import PromptSampler
@@ -72,8 +73,9 @@ class Trainer:
                  coordinator: Any, metrics: MetricsWriter, checkpoints: CheckpointDirs,
                  train_records: Sequence[ProblemRecord], heldout_records: Sequence[ProblemRecord],
                  reference_response: Callable[[ProblemRecord], str] | None = None,
-                 stop: StopFlag | None = None):
+                 stop: StopFlag | None = None, hf_exports: HfExports | None = None):
         self.config = config
+        self.hf_exports = hf_exports
         self.ranks = ranks_group
         self.session = session
         self.coordinator = coordinator
@@ -112,6 +114,9 @@ class Trainer:
         self.ranks.call(ranks.save_checkpoint, str(path), {"trainer": asdict(self.state)})
         self.checkpoints.prune(self.config.checkpoint.keep)
         log.info("checkpoint %s saved in %.1f s", path, time.perf_counter() - start)
+        final = self.state.step == self.total_steps
+        if self.hf_exports is not None and (self._due(self.config.checkpoint.hf_every) or final):
+            self.hf_exports.export(self.ranks, self.state.step)
 
     # ------------------------------------------------------------ the run
 

@@ -139,5 +139,19 @@ def save_checkpoint(state: PolicyRank, directory: str, extra_state: dict) -> str
     return str(state.worker.save_checkpoint(directory, extra_state))
 
 
+def write_hf_shards(state: PolicyRank, staging: str, max_shard_bytes: int) -> Optional[dict]:
+    """This stage's HF tensors as safetensors files under `staging`, written by the stage's TP
+    rank 0 of the first data-parallel replica (the others hold the same weights and skip)."""
+    from or1_megatron.convert.hf_export import write_stage_shards
+    from or1_megatron.policy.model import DTYPES
+
+    worker, layout = state.worker, state.worker.layout
+    if layout.dp_rank != 0:
+        return None
+    return write_stage_shards(worker.unwrapped, worker.mapping, layout, staging, max_shard_bytes,
+                              DTYPES[worker.config.model.dtype], writer=layout.tp_rank == 0,
+                              progress_label=f"hf export stage {layout.pp_rank} tensors")
+
+
 def load_checkpoint(state: PolicyRank, directory: str) -> dict:
     return state.worker.load_checkpoint(directory)

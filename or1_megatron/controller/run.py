@@ -18,6 +18,7 @@ from or1_megatron.config.stages import total_steps
 from or1_megatron.config.validate import gpu_layout_problems
 from or1_megatron.controller import ranks
 from or1_megatron.controller.checkpoints import CheckpointDirs
+from or1_megatron.controller.hf_exports import HfExports
 from or1_megatron.controller.data import base_model_path, load_training_data
 from or1_megatron.controller.engines import resolved_backend, start_engines
 from or1_megatron.controller.loop import StopFlag, Trainer
@@ -140,7 +141,8 @@ async def train(config: OR1Config, run_dir: Path, resume: str, stop: StopFlag) -
         trainer = Trainer(config, ranks_group=policy, session=session, coordinator=coordinator,
                           metrics=metrics, checkpoints=CheckpointDirs(run_dir),
                           train_records=data.train, heldout_records=data.heldout,
-                          reference_response=data.reference_response, stop=stop)
+                          reference_response=data.reference_response, stop=stop,
+                          hf_exports=HfExports(run_dir, config) if config.checkpoint.hf_every else None)
         if saved is not None:
             trainer.restore(saved)
         log.info("training %d steps (from step %d) in %s", total_steps(config), resumed_step, run_dir)

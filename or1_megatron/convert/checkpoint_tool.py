@@ -19,22 +19,19 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from or1_megatron.convert.hf_config import Qwen2Arch, layout_problems, load_arch
+from or1_megatron.config.schema import ModelConfig
+from or1_megatron.convert.hf_config import Qwen2Arch, layout_problems, load_arch, padded_vocab_size
+from or1_megatron.convert.hf_export import (DEFAULT_MAX_SHARD_GB, HF_SUBDIR, assemble_hf_checkpoint,
+                                            carry_hf_files, write_stage_shards)
 from or1_megatron.convert.qwen2 import Qwen2Mapping, check_names
-from or1_megatron.convert.safetensors_io import INDEX_NAME, SafetensorsReader
+from or1_megatron.convert.safetensors_io import SafetensorsReader
 from or1_megatron.errors import CheckpointError, OR1Error
 
-# Files of an HF checkpoint that are not weights but belong with them.
-CARRIED_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-)
-HF_SUBDIR = "hf"  # where a dist checkpoint keeps the source's carried files
 DTYPE_NAMES = ("fp32", "bf16")  # torch dtypes: or1_megatron.policy.model.DTYPES
 
 
@@ -43,6 +40,9 @@ class Layout:
     tp: int
     pp: int
     dtype: str
+    # The embedding's rows are padded to a multiple of this: the trainer's default, so a
+    # converted checkpoint loads with the default config (mcore-to-hf takes the checkpoint's).
+    vocab_multiple: int = ModelConfig.make_vocab_size_divisible_by
 
     @property
     def world(self) -> int:
@@ -63,13 +63,8 @@ def check_layout(arch: Qwen2Arch, layout: Layout) -> None:
         raise CheckpointError("; ".join(f"{flags[key]} {reason}" for key, reason in problems))
 
 
-def _mapping(arch: Qwen2Arch, tp: int) -> Qwen2Mapping:
-    from or1_megatron.config.schema import ModelConfig
-    from or1_megatron.convert.hf_config import padded_vocab_size
-
-    # The trainer's default padding, so a converted checkpoint loads with the default config.
-    divisible_by = ModelConfig.make_vocab_size_divisible_by
-    return Qwen2Mapping(arch, padded_vocab_size(arch.vocab_size, divisible_by, tp))
+def _mapping(arch: Qwen2Arch, layout: Layout) -> Qwen2Mapping:
+    return Qwen2Mapping(arch, padded_vocab_size(arch.vocab_size, layout.vocab_multiple, layout.tp))
 
 
 def validate_hf_checkpoint(hf_dir: Path, mapping: Qwen2Mapping) -> SafetensorsReader:
@@ -91,12 +86,12 @@ def _peak_rss_mb() -> float:
 # -- ranks ------------------------------------------------------------------------------------
 
 def _build_stage(arch: Qwen2Arch, layout: Layout, meta: bool = False):
-    from or1_megatron.config.schema import ModelConfig
     from or1_megatron.policy.model import build_policy_model
     from or1_megatron.policy.parallel import init_parallel
 
     rank_layout = init_parallel(_parallel_config(layout), seed=0)
-    model_cfg = ModelConfig(hf_path="", dtype=layout.dtype, layer_spec="local")
+    model_cfg = ModelConfig(hf_path="", dtype=layout.dtype, layer_spec="local",
+                            make_vocab_size_divisible_by=layout.vocab_multiple)
     # The converter's ranks are gloo ranks: they compute on the CPU even where GPUs exist.
     assert rank_layout.device.type == "cpu", rank_layout.device
     with torch.device("meta") if meta else contextlib.nullcontext():
@@ -113,7 +108,7 @@ def _rank_check_shapes(rank: int, world: int, arch: Qwen2Arch, layout: Layout) -
     from or1_megatron.convert.qwen2 import canonical_mcore_name, layer_offset
 
     model, rl = _build_stage(arch, layout, meta=True)
-    mapping = _mapping(arch, layout.tp)
+    mapping = _mapping(arch, layout)
     offset = layer_offset(arch.num_layers, rl.pp_rank, rl.pp_size)
     problems = []
     for name, param in model.named_parameters():
@@ -130,7 +125,7 @@ def _rank_hf_to_mcore(rank: int, world: int, hf_dir: str, arch: Qwen2Arch, layou
     from or1_megatron.progress import Progress
 
     model, rl = _build_stage(arch, layout)
-    mapping = _mapping(arch, layout.tp)
+    mapping = _mapping(arch, layout)
     stage_tensors = sum(len(m.hf_names) for m in mapping.stage_entries(rl.pp_rank, rl.pp_size))
     progress = Progress(stage_tensors, f"hf-to-mcore stage {rl.pp_rank} tensors") if rl.tp_rank == 0 else None
     read_bytes = 0
@@ -152,45 +147,16 @@ def _rank_hf_to_mcore(rank: int, world: int, hf_dir: str, arch: Qwen2Arch, layou
 
 def _rank_mcore_to_hf(rank: int, world: int, mcore_dir: str, arch: Qwen2Arch, layout: Layout,
                       staging: str, max_shard_bytes: int) -> dict:
-    from safetensors.torch import save_file
-
     from or1_megatron.policy.checkpoint import PolicyState, load_checkpoint
-    from or1_megatron.policy.export import iter_stage_hf_tensors
-
-    model, rl = _build_stage(arch, layout)
-    mapping = _mapping(arch, layout.tp)
-    load_checkpoint(PolicyState(model=model, arch=arch, padded_vocab=mapping.padded_vocab_size,
-                                layout={}), mcore_dir)
-    writer = rl.tp_rank == 0  # the stream yields full tensors on TP rank 0 only
-    files: list[dict] = []
-    pending: dict[str, torch.Tensor] = {}
-    pending_bytes = 0
-    written_bytes = 0
     from or1_megatron.policy.model import DTYPES
 
-    out_dtype = DTYPES[layout.dtype]
-
-    def flush() -> None:
-        nonlocal pending, pending_bytes
-        if pending:
-            name = f"stage{rl.pp_rank:03d}-part{len(files):05d}.safetensors"
-            save_file(pending, str(Path(staging) / name), metadata={"format": "pt"})
-            files.append({"file": name, "tensors": list(pending), "bytes": pending_bytes})
-        pending, pending_bytes = {}, 0
-
-    for hf_name, tensor in iter_stage_hf_tensors(model, mapping, rl):
-        if not writer:
-            continue
-        tensor = tensor.to(out_dtype).contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        if pending and pending_bytes + nbytes > max_shard_bytes:
-            flush()
-        pending[hf_name] = tensor.clone()
-        pending_bytes += nbytes
-        written_bytes += nbytes
-    if writer:
-        flush()
-    return {"files": files, "written_bytes": written_bytes, "peak_rss_mb": _peak_rss_mb()}
+    model, rl = _build_stage(arch, layout)
+    mapping = _mapping(arch, layout)
+    load_checkpoint(PolicyState(model=model, arch=arch, padded_vocab=mapping.padded_vocab_size,
+                                layout={}), mcore_dir)
+    written = write_stage_shards(model, mapping, rl, staging, max_shard_bytes, DTYPES[layout.dtype],
+                                 writer=rl.tp_rank == 0)
+    return {**written, "peak_rss_mb": _peak_rss_mb()}
 
 
 # -- commands ---------------------------------------------------------------------------------
@@ -207,7 +173,7 @@ def hf_to_mcore(hf_dir: Path, out: Path, layout: Layout, dry_run: bool = False, 
 
     arch = load_arch(hf_dir)
     check_layout(arch, layout)
-    mapping = _mapping(arch, layout.tp)
+    mapping = _mapping(arch, layout)
     shapes = mapping.hf_shapes()
     params = sum(torch.Size(s).numel() for s in shapes.values())
     print(f"hf-to-mcore: {arch.architecture} with {len(shapes)} tensors, {params:,} parameters; "
@@ -228,43 +194,26 @@ def hf_to_mcore(hf_dir: Path, out: Path, layout: Layout, dry_run: bool = False, 
     start = time.perf_counter()
     per_rank = run_forked(_rank_hf_to_mcore, layout.world, str(hf_dir), arch, layout, str(out),
                           timeout_s=24 * 3600)
-    carried = out / HF_SUBDIR
-    carried.mkdir()
-    for name in CARRIED_FILES:
-        if (hf_dir / name).is_file():
-            shutil.copy2(hf_dir / name, carried / name)
+    carry_hf_files(hf_dir, out / HF_SUBDIR)
     seconds = time.perf_counter() - start
     print(f"hf-to-mcore: wrote {out} (Megatron dist checkpoint; loads at any TP/PP)")
     if stats:
         print(_stats_line(sum(r["read_bytes"] for r in per_rank), seconds, per_rank))
 
 
-def _hf_config_json(arch: Qwen2Arch, source: Path | None, dtype: str) -> dict:
-    from or1_megatron.tiny_model import tiny_qwen2_config
-
-    if source is not None and source.is_file():
-        config = json.loads(source.read_text())
-    else:
-        config = tiny_qwen2_config(
-            vocab_size=arch.vocab_size, hidden_size=arch.hidden_size,
-            intermediate_size=arch.ffn_hidden_size, num_layers=arch.num_layers,
-            num_heads=arch.num_attention_heads, num_kv_heads=arch.num_key_value_heads,
-            rope_theta=arch.rope_theta, rms_norm_eps=arch.rms_norm_eps,
-            max_position_embeddings=arch.max_position_embeddings,
-            tie_word_embeddings=arch.tie_word_embeddings,
-        ).to_dict()
-    # transformers 5 reads "dtype", earlier releases "torch_dtype": keep both truthful.
-    config["torch_dtype"] = config["dtype"] = "float32" if dtype == "fp32" else "bfloat16"
-    return config
-
-
-def mcore_to_hf(mcore_dir: Path, out: Path, layout: Layout, max_shard_gb: float = 5.0, stats: bool = False) -> None:
+def mcore_to_hf(mcore_dir: Path, out: Path, layout: Layout, max_shard_gb: float = DEFAULT_MAX_SHARD_GB,
+                stats: bool = False) -> None:
     from or1_megatron.distributed.fork_launcher import run_forked
     from or1_megatron.policy.checkpoint import read_metadata
 
     meta = read_metadata(mcore_dir)
     arch = Qwen2Arch(**meta["arch"])
     check_layout(arch, layout)
+    # Loaded with the padding it was saved with (a run may pad to another multiple than ours).
+    layout = replace(layout, vocab_multiple=int(meta["padded_vocab_size"]))
+    if layout.vocab_multiple % layout.tp:
+        raise CheckpointError(f"{mcore_dir}: its {layout.vocab_multiple} vocabulary rows do not "
+                              f"split over --tp {layout.tp}")
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out}: exists and is not empty; choose a new output directory")
     print(f"mcore-to-hf: {mcore_dir} ({arch.architecture}, saved at TP={meta['saved_with'].get('tensor_parallel')} "
@@ -276,31 +225,13 @@ def mcore_to_hf(mcore_dir: Path, out: Path, layout: Layout, max_shard_gb: float 
         per_rank = run_forked(_rank_mcore_to_hf, layout.world, str(mcore_dir), arch, layout, staging,
                               int(max_shard_gb * 1e9), timeout_s=24 * 3600)
         files = [f for r in per_rank for f in r["files"]]
-        check_names([t for f in files for t in f["tensors"]], _mapping(arch, layout.tp).hf_names(),
-                    where=f"tensors exported from {mcore_dir}")
-        total = len(files)
-        weight_map, total_bytes = {}, 0
-        for k, info in enumerate(sorted(files, key=lambda f: f["file"]), start=1):
-            final = f"model-{k:05d}-of-{total:05d}.safetensors"
-            shutil.move(str(Path(staging) / info["file"]), str(Path(staging) / final))
-            weight_map.update({t: final for t in info["tensors"]})
-            total_bytes += info["bytes"]
-        index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (Path(staging) / INDEX_NAME).write_text(json.dumps(index, indent=2))
-        carried = mcore_dir / HF_SUBDIR
-        config = _hf_config_json(arch, carried / "config.json", layout.dtype)
-        (Path(staging) / "config.json").write_text(json.dumps(config, indent=2))
-        for name in CARRIED_FILES:
-            if name != "config.json" and (carried / name).is_file():
-                shutil.copy2(carried / name, Path(staging) / name)
-        if out.exists():
-            out.rmdir()
-        Path(staging).rename(out)
+        counts = assemble_hf_checkpoint(files, Path(staging), out, arch, _mapping(arch, layout),
+                                        mcore_dir / HF_SUBDIR, layout.dtype, where=str(mcore_dir))
         Path(staging).mkdir()  # TemporaryDirectory removes it on exit
     seconds = time.perf_counter() - start
-    print(f"mcore-to-hf: wrote {out} ({total} safetensors shards, {len(weight_map)} tensors)")
+    print(f"mcore-to-hf: wrote {out} ({counts['shards']} safetensors shards, {counts['tensors']} tensors)")
     if stats:
-        print(_stats_line(total_bytes, seconds, per_rank))
+        print(_stats_line(counts["bytes"], seconds, per_rank))
 
 
 def main(argv: list[str]) -> int:
@@ -316,7 +247,7 @@ def main(argv: list[str]) -> int:
     to_hf = sub.add_parser("mcore-to-hf", help="Megatron dist checkpoint -> HF safetensors")
     to_hf.add_argument("--mcore-dir", required=True, type=Path)
     to_hf.add_argument("--out", required=True, type=Path)
-    to_hf.add_argument("--max-shard-gb", type=float, default=5.0)
+    to_hf.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_GB)
     for p in (to_mcore, to_hf):
         p.add_argument("--tp", type=int, default=1, help="tensor parallel ranks used for the conversion")
         p.add_argument("--pp", type=int, default=1, help="pipeline parallel ranks used for the conversion")

@@ -21,6 +21,7 @@ from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from or1_megatron.convert.hf_config import Qwen2Arch
+from or1_megatron.convert.hf_export import HF_SUBDIR, carry_hf_files
 from or1_megatron.errors import CheckpointError
 from or1_megatron.policy.checkpoint_meta import META_NAME, previous_dir, read_metadata, resolve_checkpoint_dir
 
@@ -69,8 +70,11 @@ def _sharded_state(state: PolicyState, is_loading: bool) -> dict[str, Any]:
     return out
 
 
-def save_checkpoint(state: PolicyState, directory: str | Path, extra_state: dict[str, Any] | None = None) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+def save_checkpoint(state: PolicyState, directory: str | Path, extra_state: dict[str, Any] | None = None,
+                    carried_from: str | Path | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint directory. `carried_from`:
+    an HF checkpoint whose config and tokenizer files go with it (in `hf/`), so that
+    `or1 convert mcore-to-hf` gives a complete HF checkpoint back."""
     final = Path(directory)
     staging = final.with_name(final.name + ".saving")
     rank = torch.distributed.get_rank()
@@ -92,6 +96,8 @@ def save_checkpoint(state: PolicyState, directory: str | Path, extra_state: dict
             "steps_done": state.steps_done,
             "with_optimizer": state.has_optimizer,
         }
+        if carried_from:
+            carry_hf_files(carried_from, staging / HF_SUBDIR)
         (staging / META_NAME).write_text(json.dumps(meta, indent=2))
         # Never a moment without a complete checkpoint on disk: the old one is moved aside,
         # not deleted, until the new one has its name (a crash in between leaves `.previous`).

@@ -273,7 +273,7 @@ class PolicyWorker:
         # optimizer cannot describe it): such a checkpoint holds the weights, and resuming from
         # it starts the optimizer fresh, exactly as the run that never stopped had it.
         return save_checkpoint(self._state(with_optimizer=self.steps_done > 0), directory,
-                               extra_state)
+                               extra_state, carried_from=self.config.model.hf_path or None)
 
     def load_checkpoint(self, directory: str | Path, with_optimizer: bool = True) -> dict:
         """Collective: restore from any TP/PP/DP layout (the optimizer too, when the checkpoint
