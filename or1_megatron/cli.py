@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("or1_megatron.rollout.server", "serve a model with SGLang's HTTP API (the torch rollout engine; CPU or --device cuda)"),
     "train": ("or1_megatron.controller.command", "run OR1 training (Ray, Megatron policy, rollout engines)"),
     "plan": ("or1_megatron.plan.command", "memory per GPU and step time of a config on N nodes"),
+    "data": ("or1_megatron.data.check_command", "check data files: malformed rows, sources, difficulty, prompt lengths, filters"),
     "eval": ("or1_megatron.eval.command", "avg@k / pass@k of a model on evaluation data, per data source"),
 }
 

@@ -35,13 +35,19 @@ class FilterResult:
         logger.info("%s filter: kept %d of %d prompts; dropped: %s", name, len(self.kept), total, detail)
 
 
+def prompt_tokens(record: ProblemRecord, tokenizer: Any) -> int:
+    """The prompt's length in tokens, rendered with the chat template as the trainer sends it."""
+    text = tokenizer.apply_chat_template(record.prompt, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def filter_prompt_length(records: Sequence[ProblemRecord], tokenizer: Any,
-                         max_prompt_tokens: int) -> FilterResult:
-    """Drop prompts longer than `max_prompt_tokens` once rendered with the chat template."""
+                         max_prompt_tokens: int, lengths: dict[str, int] | None = None) -> FilterResult:
+    """Drop prompts longer than `max_prompt_tokens` once rendered with the chat template
+    (`lengths`: already measured lengths by uid)."""
     result = FilterResult(kept=[])
     for record in records:
-        text = tokenizer.apply_chat_template(record.prompt, tokenize=False, add_generation_prompt=True)
-        length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        length = lengths[record.uid] if lengths else prompt_tokens(record, tokenizer)
         if length > max_prompt_tokens:
             result.dropped[f"longer than {max_prompt_tokens} tokens"] += 1
         else:

@@ -173,16 +173,17 @@ def detect_format(row: dict[str, Any]) -> str | None:
 
 
 def load_problems(path: str | Path, fmt: str = "auto", on_error: str = "raise",
-                  data_source: str | None = None) -> list[ProblemRecord]:
+                  data_source: str | None = None, skips: SkipCounter | None = None) -> list[ProblemRecord]:
     """Load one data file into problem records.
 
     fmt: "auto" (by the first row's keys) or one of CONVERTERS. on_error: "raise" (a `DataError`
-    naming file and row) or "skip" (counted per reason and logged as a warning).
+    naming file and row) or "skip" (counted per reason and logged as a warning; `skips`, when
+    given, receives the counts and every skipped row with its reason).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = Path(path)
-    skips = SkipCounter(str(path))
+    skips = skips if skips is not None else SkipCounter(str(path))
     records: list[ProblemRecord] = []
     converter = CONVERTERS.get(fmt) if fmt != "auto" else None
     if fmt != "auto" and converter is None:

@@ -73,10 +73,12 @@ class SkipCounter:
     def __init__(self, path: str) -> None:
         self.path = str(path)
         self.reasons: collections.Counter[str] = collections.Counter()
+        self.rows: list[tuple[int, str]] = []  # (row, reason) of every skip, for reports
         self.total = 0
 
     def skip(self, row: int, reason: str) -> None:
         self.reasons[reason] += 1
+        self.rows.append((row, reason))
         logger.debug("%s: row %d skipped: %s", self.path, row, reason)
 
     @property
