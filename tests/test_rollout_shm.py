@@ -72,3 +72,25 @@ def test_a_sync_start_removes_files_of_dead_processes_that_nobody_maps():
     mine.release(delivered=False)
     del mine
     assert _files(os.getpid()) == []
+
+
+def test_a_user_sweeps_only_their_own_files(tmp_path):
+    """A non-root user cannot unlink other users' files in the sticky /dev/shm (the sweep raised
+    PermissionError and `or1 train` died at start for such a user): only the owner's are swept."""
+    import pytest
+
+    from or1_megatron.rollout.shm import remove_stale_shm_files
+
+    if os.geteuid() != 0:
+        pytest.skip("giving a file to another user needs root")
+    exited = subprocess.Popen(["true"])
+    exited.wait()
+    dead_pid = exited.pid  # a creator that no longer runs
+    mine, theirs = tmp_path / f"torch_{dead_pid}_1", tmp_path / f"torch_{dead_pid}_2"
+    for path in (mine, theirs):
+        path.write_bytes(b"x")
+    os.chown(theirs, 54321, 54321)
+    assert remove_stale_shm_files(tmp_path, owner=os.geteuid()) == [mine]
+    assert theirs.exists() and not mine.exists()
+    for path in tmp_path.glob(f"torch_{dead_pid}_*"):
+        path.unlink()
