@@ -132,6 +132,10 @@ def test_stages_inherit_batch_sizes_and_number_their_steps(tmp_path, hf_dir):
     (["data.eval_every=5"], r"data\.eval_files: data\.eval_every=5 but there is nothing to evaluate"),
     (["checkpoint.hf_every=-1"], r"checkpoint\.hf_every: must be >= 0"),
     (["checkpoint.hf_keep=0"], r"checkpoint\.hf_keep: must be >= 1"),
+    (["algo.mode=one_step_off"], r"algo\.mode: one_step_off overlaps rollout with training: it needs rollout\.placement=disaggregated"),
+    (["algo.mode=async"], r"algo\.mode: .async. is not one of"),
+    (["algo.is_correction=is"], r"algo\.is_correction: .is. is not one of"),
+    (["algo.is_cap=0.5"], r"algo\.is_cap: must be >= 1"),
     # what cannot run on GPUs yet, or at all, refused before anything starts
     (["parallel.context_parallel=2"], r"parallel\.context_parallel: 2 is not supported yet"),
     (["rollout.backend=torch", "rollout.engine_tp=2"], r"rollout\.engine_tp: the torch engine runs on one GPU"),

@@ -30,13 +30,23 @@ OVERRIDES = [
 ]
 
 
-def train_command(run_dir):
+# algo.mode: the paper's sequential loop, and the overlapped one (the engines generate the next
+# batch with the weights of the step before while the trainer trains) with truncated IS.
+MODES = {
+    "sync": [],
+    "one_step_off": ["algo.mode=one_step_off", "rollout.placement=disaggregated",
+                     "algo.is_correction=tis", "algo.is_cap=2.0"],
+}
+
+
+def train_command(run_dir, mode="sync"):
     return [sys.executable, "-m", "or1_megatron.cli", "train", "--config",
-            str(ROOT / "configs" / "demo_cpu.yaml"), "--run-dir", str(run_dir), *OVERRIDES]
+            str(ROOT / "configs" / "demo_cpu.yaml"), "--run-dir", str(run_dir), *OVERRIDES,
+            *MODES[mode]]
 
 
-def run_to_end(run_dir, timeout=400):
-    proc = subprocess.run(train_command(run_dir), capture_output=True, text=True, timeout=timeout,
+def run_to_end(run_dir, timeout=400, mode="sync"):
+    proc = subprocess.run(train_command(run_dir, mode), capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT, start_new_session=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
@@ -51,15 +61,15 @@ def deterministic(record):
     return {k: v for k, v in record.items() if not k.startswith(("time/", "perf/"))}
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("train") / "run"
-    proc = run_to_end(run_dir)
-    return run_dir, proc
+@pytest.fixture(scope="module", params=sorted(MODES))
+def uninterrupted(request, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp(f"train-{request.param}") / "run"
+    proc = run_to_end(run_dir, mode=request.param)
+    return run_dir, proc, request.param
 
 
 def test_a_short_run_trains_syncs_and_records_every_step(uninterrupted):
-    run_dir, proc = uninterrupted
+    run_dir, proc, mode = uninterrupted
     records = metrics(run_dir)
     assert [r["step"] for r in records] == list(range(STEPS + 1))  # step 0: after the warm-up
     for r in records[1:]:
@@ -77,6 +87,17 @@ def test_a_short_run_trains_syncs_and_records_every_step(uninterrupted):
     assert (run_dir / "config.yaml").is_file() and (run_dir / "base_model" / "config.json").is_file()
     log = (run_dir / "train.log").read_text()
     assert "restarted" not in log  # every sync verified against the engine on the first try
+    # one_step_off: every batch after the first was generated during the step before, with
+    # weights a step older than the trainer's; the mismatch is measured and corrected
+    expected_lag = [0.0] + [1.0 if mode == "one_step_off" else 0.0] * (STEPS - 1)
+    assert [r["rollout/off_policy_steps"] for r in records[1:]] == expected_lag
+    if mode == "one_step_off":
+        assert all(r["mismatch/abs_log_ratio_mean"] > 0 for r in records[1:])
+        assert all(0 <= r["mismatch/capped_fraction"] <= 1 for r in records[1:])
+        assert sorted(p.name for p in (run_dir / "pending").iterdir()) == \
+            ["batch_0000003.json"]  # saved with the step-2 checkpoint (none before step 1, none at the end)
+    else:
+        assert "mismatch/abs_log_ratio_mean" not in records[1]
 
 
 def _score_checkpoint(rank, world, hf_dir, checkpoint, sequences):
@@ -99,7 +120,7 @@ def test_hf_exports_equal_the_converter_and_score_like_the_trainer(uninterrupted
     from or1_megatron.policy.oracle import transformers_oracle
     from tests.policy_support import random_sequences
 
-    run_dir, proc = uninterrupted
+    run_dir, proc, _ = uninterrupted
     assert sorted(p.name for p in (run_dir / "hf").iterdir()) == ["step_0000002", "step_0000004"]
     exported, checkpoint = run_dir / "hf" / "step_0000004", run_dir / "checkpoints" / "step_0000004"
     converted = tmp_path / "converted"
@@ -122,9 +143,9 @@ def test_hf_exports_equal_the_converter_and_score_like_the_trainer(uninterrupted
 
 
 def test_killed_run_resumes_with_identical_metrics(uninterrupted, tmp_path):
-    reference_dir, _ = uninterrupted
+    reference_dir, _, mode = uninterrupted
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(train_command(run_dir), cwd=ROOT, start_new_session=True,
+    proc = subprocess.Popen(train_command(run_dir, mode), cwd=ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 400
     try:
@@ -141,7 +162,7 @@ def test_killed_run_resumes_with_identical_metrics(uninterrupted, tmp_path):
     killed_lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     before_checkpoint = [line for line in killed_lines if json.loads(line)["step"] <= 2]
     assert len(before_checkpoint) == 3
-    proc = run_to_end(run_dir)  # --resume auto is the default
+    proc = run_to_end(run_dir, mode=mode)  # --resume auto is the default
     # A resume happened (a seeded rerun from step 0 would reach the same metrics): the run names
     # the checkpoint, does not warm up again, and keeps the killed run's rows up to the
     # checkpoint byte for byte (their wall-clock fields would differ in a rerun).

@@ -155,6 +155,15 @@ class AlgoConfig:
     # Between stages, drop prompts the policy solved in every sample of the previous stage.
     online_filter: bool = True
     entropy: EntropyControlConfig = field(default_factory=EntropyControlConfig)
+    # sync: rollout, then train, then sync (the paper). one_step_off: the engines generate the
+    # next batch (with the weights of the step before) while the trainer trains on this one;
+    # needs rollout.placement=disaggregated.
+    mode: str = "sync"
+    # Importance-sampling correction of the engine/trainer mismatch (algo/importance.py):
+    # none (the paper), tis (weight min(pi_old / pi_engine, is_cap)) or mis (drop tokens whose
+    # ratio exceeds is_cap). The engines then return their sampling log-probs.
+    is_correction: str = "none"
+    is_cap: float = 2.0
 
 
 @dataclass
@@ -313,3 +322,5 @@ PLACEMENTS = ("colocated", "disaggregated")
 MATH_BOXED = ("last", "all")
 REWARD_COMPAT = ("or1", "released")
 DATA_ON_ERROR = ("raise", "skip")
+ALGO_MODES = ("sync", "one_step_off")
+IS_CORRECTIONS = ("none", "tis", "mis")

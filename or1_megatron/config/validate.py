@@ -6,7 +6,7 @@ naming the key and the file, not in a collective twenty minutes into a cluster j
 from __future__ import annotations
 
 from or1_megatron.config.schema import (
-    DATA_ON_ERROR, DTYPES, LAYER_SPECS, MATH_BOXED, PLACEMENTS, REWARD_COMPAT, ROLLOUT_BACKENDS,
+    ALGO_MODES, DATA_ON_ERROR, DTYPES, IS_CORRECTIONS, LAYER_SPECS, MATH_BOXED, PLACEMENTS, REWARD_COMPAT, ROLLOUT_BACKENDS,
     SYNC_PAUSE_MODES, SYNC_TRANSPORTS, OR1Config,
 )
 from or1_megatron.config.stages import Stage, resolve_stages
@@ -123,6 +123,13 @@ def _validate_training(cfg: OR1Config, source: str) -> None:
     a, r, d = cfg.algo, cfg.rollout, cfg.data
     _check(0 <= a.clip_low < 1, source, "algo.clip_low", f"must be in [0, 1), got {a.clip_low}")
     _check(a.clip_high >= 0, source, "algo.clip_high", f"must be >= 0, got {a.clip_high}")
+    _check(a.mode in ALGO_MODES, source, "algo.mode", f"{a.mode!r} is not one of {ALGO_MODES}")
+    _check(a.mode != "one_step_off" or cfg.rollout.placement == "disaggregated", source, "algo.mode",
+           "one_step_off overlaps rollout with training: it needs rollout.placement=disaggregated "
+           "(colocated engines hand their memory to the trainer while it trains)")
+    _check(a.is_correction in IS_CORRECTIONS, source, "algo.is_correction",
+           f"{a.is_correction!r} is not one of {IS_CORRECTIONS}")
+    _check(a.is_cap >= 1.0, source, "algo.is_cap", f"must be >= 1, got {a.is_cap}")
     _check(a.dual_clip == 0 or a.dual_clip > 1, source, "algo.dual_clip",
            f"must be 0 (off) or > 1, got {a.dual_clip}")
     e = a.entropy

@@ -27,6 +27,7 @@ class TrainSample:
     response_ids: list[int]
     advantage: float
     group: int  # index of its prompt in the rollout batch
+    engine_logprobs: list[float] | None = None  # the engine's, of each response token
 
     @property
     def sequence(self) -> list[int]:
@@ -40,6 +41,8 @@ class TrainSample:
 class TrainBatch:
     samples: list[TrainSample]
     old_logprobs: list[torch.Tensor] = field(default_factory=list)  # per sample, length L - 1
+    # Importance-sampling weights per sample (length L - 1), when algo.is_correction is on.
+    is_weights: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def sequences(self) -> list[list[int]]:
@@ -52,11 +55,14 @@ class TrainBatch:
     def extras(self, indices: list[int]) -> dict[str, list[torch.Tensor]]:
         """Per-token tensors of the samples `indices`, in that order, for packing."""
         masks = [self.samples[i].response_mask() for i in indices]
-        return {
+        extras = {
             "response_mask": masks,
             "advantages": [m * self.samples[i].advantage for m, i in zip(masks, indices)],
             "old_logprob": [self.old_logprobs[i] for i in indices],
         }
+        if self.is_weights:
+            extras["is_weight"] = [self.is_weights[i] for i in indices]
+        return extras
 
 
 def mini_batches(batch: TrainBatch, count: int) -> list[list[int]]:

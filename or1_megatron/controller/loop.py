@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from or1_megatron.algo import AdaptiveEntropyController, filter_uniform_groups, group_advantages
+from or1_megatron.algo.importance import MismatchStats, aligned_engine_logprobs, importance_weights
 from or1_megatron.config.schema import OR1Config
 from or1_megatron.config.stages import Stage, resolve_stages, stage_at, total_steps
 from or1_megatron.controller import ranks
@@ -31,7 +32,7 @@ from or1_megatron.controller.batch import TrainBatch, TrainSample, mini_batches
 from or1_megatron.controller.checkpoints import CheckpointDirs
 from or1_megatron.controller.hf_exports import HfExports
 from or1_megatron.controller.metrics import MetricsWriter
-from or1_megatron.controller.rollout import RolloutBatch, collect_rollouts
+from or1_megatron.controller.rollout import RolloutBatch, collect_rollouts, load_rollout, save_rollout
 from or1_megatron.controller.sampler import PromptSampler
 from or1_megatron.data.filters import SolveTracker, online_filter
 from or1_megatron.data.records import ProblemRecord
@@ -51,6 +52,10 @@ class TrainerState:
     entropy_control: dict = field(default_factory=dict)
     solve_tracker: dict = field(default_factory=dict)
     filtered_uids: list = field(default_factory=list)  # dropped by online filters so far
+    # algo.mode=one_step_off: the batch generated during the last step for the next one (a file
+    # under <run_dir>/pending/, relative), checkpointed rather than regenerated: the weights
+    # that generated it are a step older than any checkpoint's.
+    pending_rollout: str = ""
 
 
 class StopFlag:
@@ -93,6 +98,8 @@ class Trainer:
             target=e.target, delta=e.delta, coef_min=e.coef_min, coef_max=e.coef_max, coef=e.coef_init)
         self.solve_tracker = SolveTracker()
         self.state = TrainerState()
+        self.run_dir = checkpoints.root.parent
+        self.pending: RolloutBatch | None = None  # one_step_off: the next step's batch
 
     # ------------------------------------------------------------ state
 
@@ -104,15 +111,27 @@ class Trainer:
         self.sampler.load_state_dict(self.state.sampler)
         self.entropy_control.load_state_dict(self.state.entropy_control)
         self.solve_tracker.load_state_dict(self.state.solve_tracker)
+        if self.state.pending_rollout:
+            self.pending = load_rollout(self.run_dir / self.state.pending_rollout,
+                                        {r.uid: r for r in self.all_records})
 
     def save(self) -> None:
         self.state.sampler = self.sampler.state_dict()
         self.state.entropy_control = self.entropy_control.state_dict()
         self.state.solve_tracker = self.solve_tracker.state_dict()
+        self.state.pending_rollout = ""
+        if self.pending is not None:
+            name = f"pending/batch_{self.state.step + 1:07d}.json"
+            save_rollout(self.pending, self.run_dir / name)
+            self.state.pending_rollout = name
         path = self.checkpoints.for_step(self.state.step)
         start = time.perf_counter()
         self.ranks.call(ranks.save_checkpoint, str(path), {"trainer": asdict(self.state)})
         self.checkpoints.prune(self.config.checkpoint.keep)
+        kept = {f"batch_{step + 1:07d}.json" for step, _ in self.checkpoints.complete()}
+        for stale in (self.run_dir / "pending").glob("batch_*.json"):
+            if stale.name not in kept:
+                stale.unlink()
         log.info("checkpoint %s saved in %.1f s", path, time.perf_counter() - start)
         final = self.state.step == self.total_steps
         if self.hf_exports is not None and (self._due(self.config.checkpoint.hf_every) or final):
@@ -191,39 +210,82 @@ class Trainer:
 
     # ------------------------------------------------------------ one step
 
+    async def generate(self, batch_number: int, stage: Stage) -> RolloutBatch:
+        """Rollout batch `batch_number` (1-based): its prompts, seeds and settings depend on the
+        number alone, so both modes and a resumed run sample the same batch."""
+        r, a = self.config.rollout, self.config.algo
+        return await collect_rollouts(
+            self.session, self.sampler.next_batch(stage.rollout_prompts), stage.group_size,
+            stage.max_response_length, r.temperature, r.top_p,
+            seed=self.config.run.seed * 1_000_003 + batch_number - 1,
+            return_logprob=a.is_correction != "none" or a.mode == "one_step_off")
+
+    def _prefetches(self, stage: Stage) -> bool:
+        """one_step_off: generate the next batch during this step (not across a stage boundary:
+        the next stage's online filter must see this stage's rewards first)."""
+        following = self.state.step + 1
+        return (self.config.algo.mode == "one_step_off" and following < self.total_steps
+                and stage_at(self.stages, following).index == stage.index)
+
     async def train_step(self, stage: Stage) -> dict[str, Any]:
         timings: dict[str, float] = {}
         step_start = time.perf_counter()
-        r = self.config.rollout
-        with _timed(timings, "rollout"):
-            rollout = await collect_rollouts(
-                self.session, self.sampler.next_batch(stage.rollout_prompts), stage.group_size,
-                stage.max_response_length, r.temperature, r.top_p,
-                seed=self.config.run.seed * 1_000_003 + self.state.step)
-        metrics: dict[str, Any] = {"stage": stage.index, **rollout.metrics()}
+        off_policy = self.pending is not None
+        with _timed(timings, "rollout"):  # 0 when the batch was generated during the last step
+            rollout = self.pending or await self.generate(self.state.step + 1, stage)
+        self.pending = None
+        # The next batch, from the engines' current weights (a step behind once this one trains).
+        prefetch = (asyncio.create_task(self.generate(self.state.step + 2, stage))
+                    if self._prefetches(stage) else None)
+        metrics: dict[str, Any] = {"stage": stage.index, **rollout.metrics(),
+                                   "rollout/off_policy_steps": float(off_policy)}
         batch, group_metrics = self.build_batch(rollout)
         metrics.update(group_metrics)
         if batch.samples:
             await self._engines_memory("release", ["kv_cache", "weights"])
             with _timed(timings, "old_logprob"):
-                entropy = self.old_logprobs(batch)
+                # In a thread: a prefetching rollout shares this event loop.
+                entropy = await asyncio.to_thread(self.old_logprobs, batch)
+            metrics.update(self.importance_weights(batch))
             coef_before = self.entropy_control.coef
             alpha = self.entropy_control.step(entropy) if self.config.algo.entropy.enabled else 0.0
             metrics.update({"actor/entropy": entropy, "actor/entropy_coef": coef_before,
                             "actor/entropy_bonus": alpha})
             with _timed(timings, "train"):
-                metrics.update(self.update_policy(batch, stage, alpha))
+                metrics.update(await asyncio.to_thread(self.update_policy, batch, stage, alpha))
             # The trainer hands its cached GPU memory back before the engines take theirs.
             self.ranks.call(ranks.release_cached_memory)
             await self._engines_memory("resume", ["weights"])
-            timings["sync"] = await self.sync_weights(resume_kv_cache=True)
         else:
             log.warning("step %d: every group had equal rewards; no update", self.state.step + 1)
+        if prefetch is not None:
+            with _timed(timings, "rollout_wait"):  # the engines finish the next batch first
+                self.pending = await prefetch
+        if batch.samples:
+            timings["sync"] = await self.sync_weights(resume_kv_cache=True)
+        else:
             timings["sync"] = 0.0
         timings["step"] = time.perf_counter() - step_start
         metrics.update({f"time/{k}_s": v for k, v in timings.items()})
         metrics["perf/tokens_per_s"] = metrics["rollout/response_tokens"] / timings["step"]
         return metrics
+
+    def importance_weights(self, batch: TrainBatch) -> dict[str, float]:
+        """The engine/trainer mismatch of the batch, and the IS weights when a correction is on."""
+        a = self.config.algo
+        if any(s.engine_logprobs is None for s in batch.samples):
+            return {}
+        stats = MismatchStats()
+        weights = []
+        for sample, old in zip(batch.samples, batch.old_logprobs):
+            engine = aligned_engine_logprobs(len(sample.prompt_ids), sample.engine_logprobs)
+            w, sample_stats = importance_weights(old, engine, sample.response_mask(),
+                                                 a.is_correction, a.is_cap)
+            weights.append(w)
+            stats.add(sample_stats)
+        if a.is_correction != "none":
+            batch.is_weights = weights
+        return stats.metrics()
 
     def build_batch(self, rollout: RolloutBatch) -> tuple[TrainBatch, dict[str, float]]:
         """GRPO advantages, then rejection sampling of the groups whose rewards are all equal."""
@@ -233,7 +295,8 @@ class Trainer:
         advantages = group_advantages(rewards, self.config.algo.advantage_eps)
         groups = filter_uniform_groups(rewards)
         keep = groups.keep if self.config.algo.drop_uniform_groups else torch.ones_like(groups.keep)
-        samples = [TrainSample(g.prompt_ids, response, float(advantages[p, j]), p)
+        samples = [TrainSample(g.prompt_ids, response, float(advantages[p, j]), p,
+                               g.engine_logprobs[j] if g.engine_logprobs else None)
                    for p, g in enumerate(rollout.groups) if keep[p]
                    for j, response in enumerate(g.responses)]
         return TrainBatch(samples), groups.metrics()

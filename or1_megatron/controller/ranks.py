@@ -87,7 +87,8 @@ def train_policy(state: PolicyRank, batch: TrainBatch, indices: list[int], entro
         return policy_loss(
             logprob, mb.extras["old_logprob"], mb.extras["advantages"], mb.extras["response_mask"],
             clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip or None,
-            entropy=entropy, entropy_coef=entropy_coef, global_token_count=global_tokens)
+            entropy=entropy, entropy_coef=entropy_coef, global_token_count=global_tokens,
+            is_weight=mb.extras.get("is_weight"))
 
     return state.worker.train_step([batch.samples[i].sequence for i in share], loss_fn, extras)
 

@@ -9,7 +9,9 @@ engine's finish reason (OR1: a truncated response scores 0). It computes no adva
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -25,12 +27,31 @@ class Group:
     responses: list[list[int]]
     finish_reasons: list[str]
     rewards: list[float]
+    # The engine's log-prob of each response token (when asked for), and the weight version
+    # that generated each response.
+    engine_logprobs: list[list[float]] | None = None
+    weight_versions: list[str | None] | None = None
 
 
 @dataclass
 class RolloutBatch:
     groups: list[Group]
     reward_errors: int
+
+    def to_state(self) -> dict[str, Any]:
+        """Plain data for a checkpoint (records by uid)."""
+        return {"reward_errors": self.reward_errors,
+                "groups": [{**{k: v for k, v in vars(g).items() if k != "record"},
+                            "uid": g.record.uid} for g in self.groups]}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], records: dict[str, ProblemRecord]) -> "RolloutBatch":
+        groups = [Group(record=records[g["uid"]], **{k: v for k, v in g.items() if k != "uid"})
+                  for g in state["groups"]]
+        return cls(groups, state["reward_errors"])
+
+    def weight_versions(self) -> list[str]:
+        return sorted({str(v) for g in self.groups for v in (g.weight_versions or [])})
 
     def rewards(self) -> torch.Tensor:
         """[prompts, group_size]"""
@@ -57,15 +78,16 @@ class RolloutBatch:
 
 async def collect_rollouts(session: SamplingSession, records: Sequence[ProblemRecord],
                            group_size: int, max_response_length: int, temperature: float,
-                           top_p: float, seed: int) -> RolloutBatch:
-    """`group_size` scored samples of every record (T and top_p from the config, seeded)."""
+                           top_p: float, seed: int, return_logprob: bool = False) -> RolloutBatch:
+    """`group_size` scored samples of every record (T and top_p from the config, seeded);
+    with `return_logprob`, the engine's log-prob of every response token too."""
     settings = SamplingSettings(max_new_tokens=max_response_length, temperature=temperature,
                                 top_p=top_p, seed=seed)
     prompts = [prompt_token_ids(session.tokenizer, r) for r in records]
 
     async def sample(p: int, j: int) -> Any:
         params = settings.sampling_params(records[p].uid, j, session.stop_token_ids)
-        return await session.router.generate(prompts[p], params, return_logprob=False,
+        return await session.router.generate(prompts[p], params, return_logprob=return_logprob,
                                              rid=f"s{seed}-{p}-{j}")
 
     results = await asyncio.gather(*(sample(p, j) for p in range(len(records))
@@ -80,5 +102,20 @@ async def collect_rollouts(session: SamplingSession, records: Sequence[ProblemRe
         mine = results[p * group_size:(p + 1) * group_size]
         groups.append(Group(record, prompts[p], [list(r.output_ids) for r in mine],
                             [r.finish_reason for r in mine],
-                            [float(s) for s in scores[p * group_size:(p + 1) * group_size]]))
+                            [float(s) for s in scores[p * group_size:(p + 1) * group_size]],
+                            engine_logprobs=[list(r.output_logprobs) for r in mine]
+                            if return_logprob else None,
+                            weight_versions=[r.weight_version for r in mine]))
     return RolloutBatch(groups, reward_errors=len(session.pool.errors))
+
+
+def save_rollout(batch: RolloutBatch, path: Path) -> None:
+    """Write a batch for a checkpoint, atomically (a crash leaves the previous file or none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(batch.to_state()))
+    partial.replace(path)
+
+
+def load_rollout(path: Path, records: dict[str, ProblemRecord]) -> RolloutBatch:
+    return RolloutBatch.from_state(json.loads(path.read_text()), records)

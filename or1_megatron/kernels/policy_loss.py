@@ -23,10 +23,13 @@ def _check(
     entropy: torch.Tensor | None,
     entropy_coef: float,
     global_token_count: int | float | torch.Tensor,
+    is_weight: torch.Tensor | None = None,
 ) -> None:
     named = {"old_logprob": old_logprob, "advantages": advantages, "response_mask": response_mask}
     if entropy is not None:
         named["entropy"] = entropy
+    if is_weight is not None:
+        named["is_weight"] = is_weight
     for name, tensor in named.items():
         if not isinstance(tensor, torch.Tensor) or tensor.shape != logprob.shape:
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
@@ -59,12 +62,15 @@ def policy_loss(
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     global_token_count: int | float | torch.Tensor,
+    is_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token-level PPO loss ``sum_mask(pg_token - entropy_coef * entropy_token) / global_token_count``.
 
     ``pg_token = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))`` with ``r = exp(logprob -
     old_logprob)``; with ``dual_clip = c`` it is further capped at ``-c A`` for ``A < 0``.
-    Tokens where ``response_mask`` is 0/False contribute nothing (not even NaN).
+    Tokens where ``response_mask`` is 0/False contribute nothing (not even NaN). ``is_weight``
+    (importance-sampling correction, algo/importance.py) scales each token's pg_token; it is
+    treated as a constant.
 
     Returns ``(loss, metrics)``. ``loss`` is a 0-d tensor with gradients to ``logprob`` and
     ``entropy``. ``metrics`` are detached 0-d fp32 tensors, all SUMS over this call's masked
@@ -80,7 +86,7 @@ def policy_loss(
     - ``entropy_sum``: sum of the entropy (0 when no entropy is given).
     """
     _check(logprob, old_logprob, advantages, response_mask, clip_low, clip_high, dual_clip,
-           entropy, entropy_coef, global_token_count)
+           entropy, entropy_coef, global_token_count, is_weight)
     mask = response_mask.bool()
     zero = torch.zeros((), dtype=torch.float32, device=logprob.device)
     # Mask before exp: a padded token's -inf logprob must give neither inf nor a NaN gradient.
@@ -98,6 +104,8 @@ def policy_loss(
         pg = torch.where(dual_hit, cap, pg)
     else:
         dual_hit = torch.zeros_like(mask)
+    if is_weight is not None:
+        pg = pg * is_weight.detach().float()
     token_loss = pg
     if entropy is not None and entropy_coef != 0.0:
         token_loss = pg - entropy_coef * entropy.float()

@@ -60,6 +60,9 @@ def _stage_lines(sp: StagePlan, layout: Layout) -> list[str]:
             f"    sync       {_seconds(t.sync)}",
             f"    total      {_seconds(t.total)}   ({t.tokens:,.0f} tokens, {t.tokens_per_second:,.0f} tokens/s; "
             f"{t.total * st.steps / 3600:,.1f} h for the stage's {st.steps} steps)",
+            f"    one_step_off {_seconds(t.one_step_off_total)} (max(rollout, logprob + train) + sync at "
+            f"these phase times; {t.one_step_off_total * st.steps / 3600:,.1f} h; needs disaggregated "
+            "placement, which splits the GPUs: a lower bound)",
         ]
     lines += [f"  DOES NOT FIT: {problem}" for problem in sp.problems]
     return lines

@@ -55,7 +55,15 @@ class StepTime:
 
     @property
     def total(self) -> float:
+        """algo.mode=sync: every phase in turn."""
         return self.rollout + self.logprob + self.train + self.sync
+
+    @property
+    def one_step_off_total(self) -> float:
+        """algo.mode=one_step_off: the next batch's rollout runs during this step's log-probs and
+        training, with the same per-phase times (a bound: it needs disaggregated placement, so
+        each side would have only its share of the GPUs)."""
+        return max(self.rollout, self.logprob + self.train) + self.sync
 
     @property
     def tokens_per_second(self) -> float:
