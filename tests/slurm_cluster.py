@@ -33,10 +33,12 @@ def _missing_binaries() -> list[str]:
 
 def ensure_installed() -> str | None:
     """Install the Slurm packages when absent; the reason the cluster cannot run, or None."""
+    if os.geteuid() != 0:
+        # slurmctld and slurmd of this test cluster drop to SlurmUser and set groups: root only.
+        return ("the test cluster's slurmctld and slurmd need root" if not _missing_binaries() else
+                f"Slurm is not installed ({', '.join(_missing_binaries())} missing) and installing needs root")
     if not _missing_binaries():
         return None
-    if os.geteuid() != 0:
-        return f"Slurm is not installed ({', '.join(_missing_binaries())} missing) and installing needs root"
     if shutil.which("apt-get") is None:
         return "Slurm is not installed and apt-get is unavailable to install it"
     done = subprocess.run(["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True, timeout=900)

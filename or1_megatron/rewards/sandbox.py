@@ -224,6 +224,9 @@ class Sandbox:
             "bwrap", *self._filesystem_args,
             "--bind", str(host_dir / "work"), WORK_DIR,
             "--ro-bind", str(host_dir / "program.py"), PROGRAM_PATH,
+            # The private /tmp holds only those two; read-only, so that a program run by a user
+            # who owns the tmpfs (no uid switch without root) cannot fill memory through it.
+            "--remount-ro", "/tmp",
             "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
             "--die-with-parent", "--as-pid-1", "--chdir", WORK_DIR,
             *inner,
