@@ -39,7 +39,7 @@ setup(
         ],
         # SGLang pins torch exactly: 0.5.19-0.5.21 need torch 2.13.0, 0.5.22+ need 2.14.1.
         "sglang": [
-            "sglang[srt]==0.5.21",
+            "sglang==0.5.21",  # 0.5.21 has no [srt] extra
         ],
         "dev": [
             "pytest>=8",
