@@ -74,3 +74,17 @@ def test_spawned_ranks_need_a_picklable_function(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     with pytest.raises(LaunchError, match="picklable"):
         run_forked(lambda rank, world: rank, 1, timeout_s=60)
+
+
+def test_gloo_binds_to_the_interface_of_the_nodes_address(monkeypatch):
+    """A rank binds gloo to the interface holding its node's address (where the hostname resolves
+    to loopback, gloo advertised 127.0.0.1 to other nodes: tests/test_two_nodes.py); a user's
+    GLOO_SOCKET_IFNAME wins."""
+    from or1_megatron.distributed.network import bind_gloo_to, interface_of
+
+    assert interface_of("127.0.0.1") == "lo"
+    assert interface_of("192.0.2.1") is None  # TEST-NET-1: on no interface here
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    assert bind_gloo_to("127.0.0.1") == "lo" and os.environ["GLOO_SOCKET_IFNAME"] == "lo"
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")
+    assert bind_gloo_to("127.0.0.1") == "eth7"

@@ -8,6 +8,7 @@ wait is bounded; a dead actor or a rank's exception is a `RankFailed` naming the
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import Any, Callable, Sequence
@@ -17,6 +18,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from or1_megatron.distributed.cpu_results import require_cpu_tensors
 from or1_megatron.distributed.fork_launcher import RankFailed
+from or1_megatron.distributed.network import bind_gloo_to
+
+log = logging.getLogger(__name__)
 
 
 class _RankActor:
@@ -31,13 +35,15 @@ class _RankActor:
         return ray.util.get_node_ip_address(), port
 
     def setup(self, master_addr: str, master_port: int, setup: Callable[..., Any],
-              args: tuple) -> int:
+              args: tuple) -> tuple[int, str]:
+        # Gloo on the interface of this node's address, not wherever the hostname resolves.
+        bind_gloo_to(ray.util.get_node_ip_address())
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
                           RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
                           # one device per actor: Ray sets CUDA_VISIBLE_DEVICES to it
                           LOCAL_RANK="0")
         self.state = setup(self.rank, self.world_size, *args)
-        return os.getpid()
+        return os.getpid(), ray.util.get_node_ip_address()
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         result = fn(self.state, *args)
@@ -64,8 +70,11 @@ class RayRankGroup:
         ]
         try:
             addr, port = self._get([self.actors[0].rendezvous_address.remote()], "rendezvous")[0]
-            self.pids = self._get([a.setup.remote(addr, port, setup, args) for a in self.actors],
-                                  "setup")
+            started = self._get([a.setup.remote(addr, port, setup, args) for a in self.actors], "setup")
+            self.pids = [pid for pid, _ in started]
+            self.nodes = [node for _, node in started]  # each rank's node address
+            for rank, (pid, node) in enumerate(started):
+                log.info("policy rank %d: pid %d on node %s", rank, pid, node)
         except BaseException:
             self.close()
             raise

@@ -122,6 +122,8 @@ async def train(config: OR1Config, run_dir: Path, resume: str, stop: StopFlag) -
                                   reward_config=RewardConfig.from_run_config(config.rewards),
                                   request_timeout_s=config.sync.timeout_s,
                                   resync=lambda client: trainer.refeed_engine(client))
+        for index, engine in enumerate(engines):
+            log.info("engine %d at %s", index, engine.url)
         coordinator = WeightSyncCoordinator(engines, config.sync,
                                             vocab_size=load_arch(hf_path).vocab_size,
                                             hf_config_dir=hf_path, run_dir=str(run_dir),
