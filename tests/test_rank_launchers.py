@@ -80,6 +80,8 @@ def test_gloo_binds_to_the_interface_of_the_nodes_address(monkeypatch):
     """A rank binds gloo to the interface holding its node's address (where the hostname resolves
     to loopback, gloo advertised 127.0.0.1 to other nodes: tests/test_two_nodes.py); a user's
     GLOO_SOCKET_IFNAME wins."""
+    import os
+
     from or1_megatron.distributed.network import bind_gloo_to, interface_of
 
     assert interface_of("127.0.0.1") == "lo"
