@@ -106,3 +106,37 @@ def test_runs_that_cannot_work_on_gpus_are_refused_by_name(hf_dir, monkeypatch):
     one_gpu = _config(hf_dir, world=1, engines=1, engine_tp=1, placement="colocated",
                       backend="torch")
     assert run.run_placement(one_gpu).rank_gpus == 0.8
+
+
+def _rank_index(rank: int, world_size: int) -> int:
+    return rank
+
+
+def _one_rank_dies_while_the_other_blocks(state: int) -> None:
+    import time
+
+    if state == 1:
+        os._exit(1)  # the rank's process dies, as when its node goes away
+    time.sleep(120)  # rank 0 stands for a rank stuck in a collective with the dead one
+
+
+def test_a_dead_rank_fails_the_call_at_once_naming_rank_and_node(logical_gpus):
+    """While rank 0 is stuck (as in a collective with the dead rank), the call fails as rank 1
+    dies, and says which rank on which node (it said only "a policy rank died")."""
+    import time
+
+    from ray.util.placement_group import placement_group
+
+    from or1_megatron.distributed.fork_launcher import RankFailed
+
+    group = placement_group([{"CPU": 1.0}] * 2)
+    ray.get(group.ready(), timeout=60)
+    try:
+        ranks = RayRankGroup(2, _rank_index, placement_group=group, timeout_s=300)
+        start = time.monotonic()
+        with pytest.raises(RankFailed, match=r"policy rank 1 on node [\d.]+ died during "
+                                             r"_one_rank_dies_while_the_other_blocks"):
+            ranks.call(_one_rank_dies_while_the_other_blocks)
+        assert time.monotonic() - start < 60
+    finally:
+        ray.util.remove_placement_group(group)

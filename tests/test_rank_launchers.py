@@ -85,7 +85,7 @@ def test_gloo_binds_to_the_interface_of_the_nodes_address(monkeypatch):
     from or1_megatron.distributed.network import bind_gloo_to, interface_of
 
     assert interface_of("127.0.0.1") == "lo"
-    assert interface_of("192.0.2.1") is None  # TEST-NET-1: on no interface here
+    assert interface_of("198.51.100.77") is None  # TEST-NET-2: on no interface here
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     assert bind_gloo_to("127.0.0.1") == "lo" and os.environ["GLOO_SOCKET_IFNAME"] == "lo"
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")

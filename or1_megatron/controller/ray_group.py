@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from typing import Any, Callable, Sequence
 
 import ray
@@ -59,6 +60,7 @@ class RayRankGroup:
                  timeout_s: float = 600.0):
         self.world_size = world_size
         self.timeout_s = timeout_s
+        self.nodes: list[str] = []  # each rank's node address, once set up
         actor = ray.remote(_RankActor)
         self.actors = [
             actor.options(
@@ -86,18 +88,33 @@ class RayRankGroup:
                          getattr(fn, "__name__", "call"), timeout_s)
 
     def _get(self, refs: Sequence[Any], what: str, timeout_s: float | None = None) -> list[Any]:
+        """Every rank's result, in rank order. A rank that dies or raises fails the call at
+        once, naming the rank and its node: the others may be blocked in a collective with it
+        and would otherwise hold the call until its timeout."""
+        limit = timeout_s or self.timeout_s
+        deadline = time.monotonic() + limit
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        pending = list(refs)
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.close()
+                raise RankFailed(f"{what} did not finish on every rank within {limit:.0f} s")
+            done, pending = ray.wait(pending, num_returns=1, timeout=min(left, 5.0))
+            for ref in done:
+                self._raise_if_failed(ref, rank_of[ref], what)
+        return ray.get(list(refs))
+
+    def _raise_if_failed(self, ref: Any, rank: int, what: str) -> None:
+        where = f"policy rank {rank}" + (f" on node {self.nodes[rank]}" if rank < len(self.nodes) else "")
         try:
-            return ray.get(list(refs), timeout=timeout_s or self.timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            self.close()
-            raise RankFailed(f"{what} did not finish on every rank within "
-                             f"{timeout_s or self.timeout_s:.0f} s") from None
+            ray.get(ref)
         except ray.exceptions.RayActorError as exc:
             self.close()
-            raise RankFailed(f"a policy rank died during {what}: {exc}") from None
+            raise RankFailed(f"{where} died during {what} (its node or process is gone): {exc}") from None
         except ray.exceptions.RayTaskError as exc:
             self.close()
-            raise RankFailed(f"a policy rank failed in {what}:\n{exc}") from None
+            raise RankFailed(f"{where} failed in {what}:\n{exc}") from None
 
     def close(self, force: bool = False) -> None:
         for actor in self.actors:
