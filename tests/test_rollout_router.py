@@ -162,3 +162,42 @@ def test_a_weight_sync_hold_stops_restarts_and_readmits_the_engine_it_repaired(p
     assert [len(a.output_ids) for a in answers] == [8] * 4 and resent >= 1
     assert readmitted == (True, 1) and len(served.output_ids) == 4
     assert recovered == (True, True, 2)
+
+
+class _NodeGone:
+    """An engine process whose node went away: it can be killed, never restarted."""
+
+    def __init__(self, process):
+        self._process = process
+
+    def __getattr__(self, name):
+        return getattr(self._process, name)
+
+    def restart(self):
+        raise ConnectionError(f"the node of {self._process.url} is unreachable")
+
+
+def test_when_no_engine_can_be_restarted_requests_fail_at_once_naming_it(model_dir, tmp_path):
+    """A lost node takes its engine with it for good: requests used to wait wait_for_engine_s
+    (600 s) for an engine that could not come back; they fail once its restarts have failed,
+    naming the engine and its address (tests/test_two_nodes.py: the driver then exits)."""
+    import re
+    import time
+
+    from or1_megatron.rollout.router import RouterError
+
+    with running_cpu_engines(model_dir, tmp_path, count=1) as [process]:
+        async def scenario():
+            router = RolloutRouter([_NodeGone(process)], health_interval_s=0.5, wait_for_engine_s=600)
+            await router.start()
+            try:
+                process.kill()
+                start = time.monotonic()
+                with pytest.raises(RouterError, match=r"every engine is down and could not be "
+                                   rf"restarted: engine 0 \({re.escape(process.url)}\): restart failed"):
+                    await router.generate(PROMPTS[0], params(0, 4))
+                return time.monotonic() - start
+            finally:
+                await router.close(kill_engines=False)
+
+        assert run(scenario()) < 60

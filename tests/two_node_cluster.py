@@ -137,6 +137,7 @@ class TwoNodeCluster:
             except ProcessLookupError:
                 pass
         self.slurmds[node].wait(timeout=30)
+        self.slurm.processes.remove(self.slurmds[node])  # its exit is not a cluster failure
 
 
 def _slurmd_command(node: str, conf: Path) -> list[str]:

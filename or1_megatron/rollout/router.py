@@ -54,6 +54,9 @@ class _Slot:
     recovery: asyncio.Task | None = None
     served: int = 0
     history: list[str] = field(default_factory=list)
+    # Its restarts all failed (its node is gone, say): only a later successful restart, e.g.
+    # after a weight sync's readmission, brings it back.
+    down: bool = False
 
 
 class RolloutRouter:
@@ -161,12 +164,17 @@ class RolloutRouter:
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(
-                    lambda: self._closed or any(s.healthy for s in self.slots)),
+                    lambda: self._closed or any(s.healthy for s in self.slots)
+                    or all(s.down for s in self.slots)),
                     self.wait_for_engine_s)
             except asyncio.TimeoutError:
                 raise RouterError(f"no healthy engine for {self.wait_for_engine_s:.0f} s") from None
         if self._closed:
             raise RouterError("the router is closed")
+        if not any(s.healthy for s in self.slots):
+            raise RouterError("every engine is down and could not be restarted: " + "; ".join(
+                f"engine {s.index} ({s.process.url}): {s.history[-1] if s.history else 'down'}"
+                for s in self.slots))
         return min((s for s in self.slots if s.healthy), key=lambda s: (s.inflight, s.index))
 
     # ------------------------------------------------------------ weights and control
@@ -313,7 +321,7 @@ class RolloutRouter:
                     slot.client = self._make_client(slot.process)
                     await self._replay(slot.client)
                 slot.health_failures = 0
-                slot.healthy = True
+                slot.healthy, slot.down = True, False
                 log.warning("engine %d (%s) is back after restart %d", slot.index,
                             slot.process.url, slot.process.restarts)
                 async with self._changed:
@@ -325,7 +333,11 @@ class RolloutRouter:
                 log.error("restarting engine %d failed (attempt %d/%d): %s",
                           slot.index, attempt, attempts, exc)
                 slot.history.append(f"restart failed: {exc}")
-        log.error("engine %d stays down after %d restart attempts", slot.index, attempts)
+        log.error("engine %d (%s) stays down after %d restart attempts", slot.index,
+                  slot.process.url, attempts)
+        slot.down = True
+        async with self._changed:  # requests waiting for an engine must learn that none will come
+            self._changed.notify_all()
 
     async def _health_loop(self) -> None:
         while not self._closed:
