@@ -109,7 +109,7 @@ class RayRankGroup:
         where = f"policy rank {rank}" + (f" on node {self.nodes[rank]}" if rank < len(self.nodes) else "")
         try:
             ray.get(ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+        except ray.exceptions.RayActorError as exc:
             self.close()
             raise RankFailed(f"{where} died during {what} (its node or process is gone): {exc}") from None
         except ray.exceptions.RayTaskError as exc:
