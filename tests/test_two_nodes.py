@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from or1_megatron.cluster.slurm_script import time_limit_seconds
 from or1_megatron.controller.checkpoints import CheckpointDirs
 from or1_megatron.policy.checkpoint_meta import read_metadata
 from tests.test_slurm import _job_id, submit
@@ -32,10 +33,21 @@ def _logs(run_dir, job_id):
             (slurm / f"driver-{job_id}.log").read_text() if (slurm / f"driver-{job_id}.log").exists() else "")
 
 
-def test_a_job_spans_both_nodes(two_node_cluster: TwoNodeCluster, tmp_path):
-    run_dir = tmp_path / "run"
-    done = submit(*DEMO, "--wait", "--run-dir", str(run_dir), "--max-steps", "3",
-                  "checkpoint.every_steps=0", env=two_node_cluster.env(), timeout=600)
+STEPS = 10
+# One run of STEPS steps on both nodes, uninterrupted: the reference of the requeue test.
+REFERENCE = ["--max-steps", str(STEPS), "checkpoint.every_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(two_node_cluster: TwoNodeCluster, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("two-node") / "run"
+    done = submit(*DEMO, "--wait", "--run-dir", str(run_dir), *REFERENCE, env=two_node_cluster.env(),
+                  timeout=600)
+    return run_dir, done
+
+
+def test_a_job_spans_both_nodes(two_node_cluster: TwoNodeCluster, uninterrupted):
+    run_dir, done = uninterrupted
     job_id = _job_id(done.stdout)
     log, driver = _logs(run_dir, job_id)
     assert done.returncode == 0, log + driver[-3000:] + two_node_cluster.slurm.logs()
@@ -45,7 +57,54 @@ def test_a_job_spans_both_nodes(two_node_cluster: TwoNodeCluster, tmp_path):
     assert sorted(ranks.values()) == sorted(node_address(n) for n in NODES)  # one rank per node
     # the engine is colocated with rank 0 (rollout.placement=colocated), on rank 0's node
     assert re.search(rf"engine 0 at http://{re.escape(ranks['0'])}:\d+", driver)
-    assert [r["step"] for r in _metrics(run_dir) if "reward/mean" in r] == [1, 2, 3]
+    assert [r["step"] for r in _metrics(run_dir) if "reward/mean" in r] == list(range(1, STEPS + 1))
+
+
+def _deterministic(record):
+    return {k: v for k, v in record.items() if not k.startswith(("time/", "perf/"))}
+
+
+def test_the_time_limit_checkpoints_requeues_and_resumes_with_the_same_metrics(
+        two_node_cluster: TwoNodeCluster, uninterrupted, tmp_path):
+    """The job's time limit is brought near once step 3 is done (a real limit would take
+    minutes of test time): Slurm sends SIGTERM signal-lead seconds before it, the driver
+    checkpoints, the script requeues the job, and the requeued run resumes from that checkpoint
+    to the end with exactly the uninterrupted run's metrics."""
+    cluster = two_node_cluster
+    run_dir = tmp_path / "run"
+    done = submit(*DEMO, "--run-dir", str(run_dir), *REFERENCE, "--time", "30", env=cluster.env())
+    job_id = _job_id(done.stdout)
+    job_log = run_dir / "slurm" / f"job-{job_id}.out"
+    try:
+        _wait_for_step(run_dir, 3, 400, lambda: cluster.slurm.job(job_id)["JobState"])
+        # end the job's time in 100-160 s: Slurm signals at 120 s before it (--signal-lead)
+        elapsed = time_limit_seconds(cluster.slurm.job(job_id)["RunTime"]) or 0
+        minutes = -(-(elapsed + 100) // 60)
+        assert cluster.slurm.run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}").returncode == 0
+        deadline = time.monotonic() + 300
+        while "requeueing" not in job_log.read_text():
+            assert time.monotonic() < deadline, job_log.read_text()
+            time.sleep(0.5)
+        # the requeued run gets its time back, then must finish on its own
+        cluster.slurm.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=30")
+        deadline = time.monotonic() + 600
+        while cluster.slurm.job(job_id)["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            assert time.monotonic() < deadline, job_log.read_text()
+            time.sleep(1)
+    finally:
+        cluster.slurm.run("scancel", job_id)
+    info, log = cluster.slurm.job(job_id), job_log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
+    assert "SIGTERM: the driver gets 90s to checkpoint" in log
+    assert "time limit ahead: requeueing" in log and "(restart 1)" in log
+    driver = (run_dir / "slurm" / f"driver-{job_id}.log").read_text()
+    resumed_from = re.search(r"resuming from \S+step_(\d+)", driver)
+    assert resumed_from and int(resumed_from.group(1)) >= 3, driver[-3000:]
+    reference = _metrics(uninterrupted[0])
+    resumed = _metrics(run_dir)
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference] == list(range(STEPS + 1))
+    for ours, theirs in zip(resumed, reference, strict=True):
+        assert _deterministic(ours) == pytest.approx(_deterministic(theirs), rel=1e-6, abs=1e-9), ours["step"]
 
 
 def _wait_for_step(run_dir, step, timeout_s, job_state):
