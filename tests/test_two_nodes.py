@@ -13,7 +13,7 @@ from or1_megatron.controller.checkpoints import CheckpointDirs
 from or1_megatron.policy.checkpoint_meta import read_metadata
 from tests.test_slurm import _job_id, submit
 from tests.two_node_cluster import (  # noqa: F401 - two_node_cluster is the fixture
-    NODES, TwoNodeCluster, node_address, restart_node, two_node_cluster,
+    NODES, TwoNodeCluster, cut_off_from_head, node_address, restart_node, two_node_cluster,
 )
 
 pytestmark = pytest.mark.slurm
@@ -150,3 +150,30 @@ def test_a_worker_node_dying_mid_step_ends_the_run_naming_it(two_node_cluster: T
     step, checkpoint = CheckpointDirs(run_dir).latest()
     assert step >= 2 and read_metadata(checkpoint)["steps_done"] >= 0
     print(f"node lost -> run ended in {ended_after:.1f} s; last checkpoint step {step}")
+
+
+def test_a_ray_worker_that_never_joins_fails_the_job_fast_naming_its_node(two_node_cluster: TwoNodeCluster,
+                                                                          tmp_path):
+    """The second node cannot reach the Ray head (a firewall between them; Slurm still runs its
+    steps): its worker never joins, and the job fails within the join timeout plus a margin,
+    naming that node, without starting the driver."""
+    run_dir = tmp_path / "run"
+    join_timeout = 20
+    args = [a if a != "120" else str(join_timeout) for a in DEMO]  # --join-timeout
+    started = time.monotonic()
+    with cut_off_from_head(two_node_cluster, NODES[1]):
+        done = submit(*args, "--wait", "--run-dir", str(run_dir), "--max-steps", "2",
+                      env=two_node_cluster.env(), timeout=300)
+    elapsed = time.monotonic() - started
+    job_id = _job_id(done.stdout)
+    log, driver = _logs(run_dir, job_id)
+    assert done.returncode == 1, log
+    assert two_node_cluster.slurm.job(job_id)["JobState"] == "FAILED"
+    assert elapsed < join_timeout + 60, (elapsed, log)
+    assert "before all 2 node(s) joined" in log or "did not reach 2 node(s)" in log, log
+    # the worker's own words, from its node's log (srun's %N is the hostname the namespaces share)
+    assert re.search(rf"worker-\S+\| ray_node on {NODES[1]}: the Ray head at .* did not accept "
+                     rf"connections within {join_timeout} s", log), log
+    assert f"(joined: {node_address(NODES[0])})" in log  # and which node did join
+    assert driver == "" and "driver:" not in log  # training never started
+    print(f"worker cut off -> job failed in {elapsed:.1f} s")

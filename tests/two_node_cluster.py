@@ -14,6 +14,7 @@ The fixture skips, with the reason, where namespaces cannot be made (not root, n
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -21,6 +22,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -32,6 +34,8 @@ HOST_ADDRESS = "10.77.0.254"
 FIRST_JOB_ID = 700000
 PARTITION = "or1two"
 SLURMD_TIMEOUT_S = 10  # a node whose slurmd stops answering is DOWN after this
+# srun listens here (a step's tasks connect back to it): `cut_off_from_head` keeps these open.
+SRUN_PORTS = (61440, 61999)
 
 
 def node_address(node: str) -> str:
@@ -84,7 +88,7 @@ def _set_up_network() -> None:
         _ip("-n", node, "route", "add", "default", "via", HOST_ADDRESS)
 
 
-def _write_conf(root: Path, auth_socket: Path) -> Path:
+def _write_conf(root: Path, auth_socket: Path, slurmd_port: int) -> Path:
     for sub in ("state", "log", *(f"spool-{n}" for n in NODES)):
         (root / sub).mkdir(parents=True, exist_ok=True)
     memory = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 / 4)
@@ -95,7 +99,7 @@ def _write_conf(root: Path, auth_socket: Path) -> Path:
         # slurmctld runs on this host, reached by the nodes at the bridge's address
         f"SlurmctldHost={socket.gethostname().split('.')[0]}({HOST_ADDRESS})",
         "SlurmUser=root", "SlurmdUser=root",
-        f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
+        f"SlurmctldPort={_free_port()}", f"SlurmdPort={slurmd_port}",
         "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={auth_socket}",
         f"StateSaveLocation={root / 'state'}",
         f"SlurmdSpoolDir={root}/spool-%n",
@@ -106,6 +110,7 @@ def _write_conf(root: Path, auth_socket: Path) -> Path:
         "SchedulerType=sched/builtin", "MpiDefault=none", "ReturnToService=2", "JobRequeue=1",
         f"FirstJobId={FIRST_JOB_ID}", "MinJobAge=600", "KillWait=5", "InactiveLimit=0",
         f"SlurmdTimeout={SLURMD_TIMEOUT_S}", "JobCompType=jobcomp/none",
+        f"SrunPortRange={SRUN_PORTS[0]}-{SRUN_PORTS[1]}",
         "AccountingStorageType=accounting_storage/none",
         *(f"NodeName={n} NodeAddr={node_address(n)} CPUs={cpus} RealMemory={memory} State=UNKNOWN"
           for n in NODES),
@@ -120,6 +125,7 @@ class TwoNodeCluster:
     slurm: SlurmCluster
     slurmds: dict[str, subprocess.Popen]
     setup_s: float
+    slurmd_port: int
 
     def env(self, **extra: str) -> dict[str, str]:
         return self.slurm.env(**extra)
@@ -146,6 +152,27 @@ def _slurmd_command(node: str, conf: Path) -> list[str]:
     return ["nsenter", f"--net=/run/netns/{node}", "slurmd", "-D", "-N", node, "-f", str(conf)]
 
 
+@contextlib.contextmanager
+def cut_off_from_head(cluster: "TwoNodeCluster", node: str) -> Iterator[None]:
+    """`node` cannot open TCP connections to the first node (where the Ray head runs), as with
+    a firewall between them, except what Slurm's own steps need: connections to srun's ports
+    and slurmd's answers. Policy routing (`ip rule`): the rest has no route to the head."""
+    head, table = node_address(NODES[0]), "100"
+    first, last = SRUN_PORTS
+    rules = [["ipproto", "tcp", "dport", f"{first}-{last}", "lookup", "main", "prio", "100"],
+             ["ipproto", "tcp", "sport", str(cluster.slurmd_port), "lookup", "main", "prio", "101"],
+             ["to", head, "ipproto", "tcp", "lookup", table, "prio", "102"]]
+    _ip("-n", node, "route", "add", "unreachable", head, "table", table)
+    try:
+        for rule in rules:
+            _ip("-n", node, "rule", "add", *rule)
+        yield
+    finally:
+        for rule in rules:
+            _ip("-n", node, "rule", "del", *rule, check=False)
+        _ip("-n", node, "route", "del", "unreachable", head, "table", table, check=False)
+
+
 def start_two_node_cluster(root: Path) -> TwoNodeCluster:
     started = time.monotonic()
     root.mkdir(parents=True, exist_ok=True)
@@ -155,7 +182,8 @@ def start_two_node_cluster(root: Path) -> TwoNodeCluster:
     key, auth_socket = munge / "munge.key", munge / "munge.socket"
     subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True, timeout=30)
     _set_up_network()
-    slurm = SlurmCluster(root=root, conf=_write_conf(root, auth_socket), partition=PARTITION)
+    slurmd_port = _free_port()
+    slurm = SlurmCluster(root=root, conf=_write_conf(root, auth_socket, slurmd_port), partition=PARTITION)
     slurmds: dict[str, subprocess.Popen] = {}
     try:
         _start(slurm, ["munged", "--foreground", "--force", f"--socket={auth_socket}",
@@ -167,7 +195,7 @@ def start_two_node_cluster(root: Path) -> TwoNodeCluster:
         _wait_for(lambda: slurm.run("scontrol", "ping").returncode == 0, 60, "slurmctld", slurm)
         for node in NODES:
             slurmds[node] = _start(slurm, _slurmd_command(node, slurm.conf), f"slurmd-{node}")
-        cluster = TwoNodeCluster(slurm, slurmds, 0.0)
+        cluster = TwoNodeCluster(slurm, slurmds, 0.0, slurmd_port)
         _wait_for(lambda: set(cluster.node_states().values()) == {"idle"}
                   and len(cluster.node_states()) == len(NODES), 60, "both nodes to become idle", slurm)
     except BaseException:

@@ -28,6 +28,11 @@ from pathlib import Path
 ADDRESS_FILE = "ray_current_cluster"
 
 
+def node_name() -> str:
+    """Slurm's name of this node (network namespaces and containers share a hostname)."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 def ray_executable() -> str:
     """The `ray` of this interpreter's environment (the one `or1` runs in)."""
     return str(Path(sys.executable).with_name("ray"))
@@ -74,7 +79,7 @@ def run_node(command: list[str], grace_s: float = 5.0) -> int:
             return
         stopping = True
         requested_at.append(time.monotonic())
-        print(f"ray_node: signal {signum}: stopping Ray on {socket.gethostname()}", flush=True)
+        print(f"ray_node: signal {signum}: stopping Ray on {node_name()}", flush=True)
         os.killpg(group, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -87,7 +92,7 @@ def run_node(command: list[str], grace_s: float = 5.0) -> int:
             if requested_at and time.monotonic() - requested_at[0] > grace_s:
                 _kill_rest_of_group(group)
     if not requested_at:
-        print(f"ray_node: `ray start` exited with {code} on {socket.gethostname()}; ending its processes",
+        print(f"ray_node: `ray start` exited with {code} on {node_name()}; ending its processes",
               file=sys.stderr, flush=True)
         stopping = True
         os.killpg(group, signal.SIGTERM)
@@ -129,11 +134,12 @@ def wait_for_nodes(address: str, nodes: int, timeout_s: float) -> int:
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     try:
         while True:
-            alive = sum(1 for node in ray.nodes() if node.get("Alive"))
-            if alive >= nodes:
-                return alive
+            joined = sorted(node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive"))
+            if len(joined) >= nodes:
+                return len(joined)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{alive} of {nodes} Ray nodes joined within {timeout_s:.0f} s")
+                raise TimeoutError(f"{len(joined)} of {nodes} Ray nodes joined within {timeout_s:.0f} s "
+                                   f"(joined: {', '.join(joined) or 'none'})")
             time.sleep(1)
     finally:
         ray.shutdown()
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ray_node: {alive} Ray node(s) alive at {args.address}")
         return 0
     except TimeoutError as exc:
-        print(f"ray_node: {exc}", file=sys.stderr)
+        print(f"ray_node on {node_name()}: {exc}", file=sys.stderr)
         return 1
 
 

@@ -134,6 +134,16 @@ stop_pid() {
   wait "$pid" 2>/dev/null
 }
 
+# The last lines of each Ray node's log, prefixed with the node's name (ray-<role>-<node>-<job>.log).
+node_logs() {
+  local f node
+  for f in "$LOG_DIR"/ray-*-"$SLURM_JOB_ID".log; do
+    [ -f "$f" ] || continue
+    node=${f##*/ray-}; node=${node%-"$SLURM_JOB_ID".log}
+    tail -n 3 "$f" | sed "s/^/  $node| /"
+  done
+}
+
 HEAD_PID= WORKERS_PID= DRIVER_PID=
 nodes_alive() { alive "$HEAD_PID" && { [ -z "$WORKERS_PID" ] || alive "$WORKERS_PID"; }; }
 
@@ -221,12 +231,13 @@ WAIT_PID=$!
 while alive "$WAIT_PID"; do
   if ! nodes_alive; then
     kill "$WAIT_PID" 2>/dev/null
-    log "a Ray node step exited before all $NUM_NODES node(s) joined (see $LOG_DIR/ray-*.log)"
+    log "a Ray node step exited before all $NUM_NODES node(s) joined:"
+    node_logs
     finish 1
   fi
   sleep 1
 done
-wait "$WAIT_PID" || { log "the Ray cluster did not reach $NUM_NODES node(s) within ${JOIN_TIMEOUT}s"; finish 1; }
+wait "$WAIT_PID" || { log "the Ray cluster did not reach $NUM_NODES node(s) within ${JOIN_TIMEOUT}s:"; node_logs; finish 1; }
 
 DRIVER_LOG="$LOG_DIR/driver-$SLURM_JOB_ID.log"
 log "all $NUM_NODES node(s) joined; driver: or1 ${TRAIN_ARGS[*]} (log: $DRIVER_LOG)"
