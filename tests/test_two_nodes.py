@@ -52,6 +52,8 @@ def test_a_job_spans_both_nodes(two_node_cluster: TwoNodeCluster, uninterrupted)
     log, driver = _logs(run_dir, job_id)
     assert done.returncode == 0, log + driver[-3000:] + two_node_cluster.slurm.logs()
     assert two_node_cluster.slurm.job(job_id)["JobState"] == "COMPLETED"
+    assert two_node_cluster.setup_s < 60, two_node_cluster.setup_s  # namespaces, munged, 3 daemons
+    print(f"two-node cluster set up in {two_node_cluster.setup_s:.1f} s")
     assert f"Ray head at {node_address(NODES[0])}:" in log
     ranks = dict(re.findall(r"policy rank (\d): pid \d+ on node ([\d.]+)", driver))
     assert sorted(ranks.values()) == sorted(node_address(n) for n in NODES)  # one rank per node
