@@ -86,7 +86,9 @@ def test_gloo_binds_to_the_interface_of_the_nodes_address(monkeypatch):
 
     assert interface_of("127.0.0.1") == "lo"
     assert interface_of("198.51.100.77") is None  # TEST-NET-2: on no interface here
-    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    # unset (empty) through monkeypatch, so that what bind_gloo_to writes is undone after the
+    # test: a leaked GLOO_SOCKET_IFNAME=lo reached the two-node jobs' ranks
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "")
     assert bind_gloo_to("127.0.0.1") == "lo" and os.environ["GLOO_SOCKET_IFNAME"] == "lo"
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")
     assert bind_gloo_to("127.0.0.1") == "eth7"
