@@ -4,6 +4,9 @@ from pathlib import Path
 
 import pytest
 
+# Helpers that assert for several test modules: their failures show the values compared too.
+pytest.register_assert_rewrite("tests.run_metrics")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.run_metrics import same_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 # Small and fast; every group is trained (no rejection: the warm-up is too short for rewards
@@ -54,11 +56,6 @@ def run_to_end(run_dir, timeout=400, mode="sync"):
 
 def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def deterministic(record):
-    """What must repeat exactly: everything but wall-clock figures."""
-    return {k: v for k, v in record.items() if not k.startswith(("time/", "perf/"))}
 
 
 @pytest.fixture(scope="module", params=sorted(MODES))
@@ -174,7 +171,7 @@ def test_killed_run_resumes_with_identical_metrics(uninterrupted, tmp_path):
     resumed, reference = metrics(run_dir), metrics(reference_dir)
     assert [r["step"] for r in resumed] == list(range(STEPS + 1))
     for ours, theirs in zip(resumed, reference, strict=True):
-        assert deterministic(ours) == pytest.approx(deterministic(theirs), rel=1e-6, abs=1e-9), ours["step"]
+        same_metrics(ours, theirs)
 
 
 def _metrics_if_any(run_dir):

@@ -12,6 +12,7 @@ from or1_megatron.cluster.slurm_script import time_limit_seconds
 from or1_megatron.controller.checkpoints import CheckpointDirs
 from or1_megatron.policy.checkpoint_meta import read_metadata
 from tests.test_slurm import _job_id, submit
+from tests.run_metrics import same_metrics
 from tests.two_node_cluster import (  # noqa: F401 - two_node_cluster is the fixture
     NODES, TwoNodeCluster, cut_off_from_head, node_address, restart_node, two_node_cluster,
 )
@@ -62,10 +63,6 @@ def test_a_job_spans_both_nodes(two_node_cluster: TwoNodeCluster, uninterrupted)
     assert [r["step"] for r in _metrics(run_dir) if "reward/mean" in r] == list(range(1, STEPS + 1))
 
 
-def _deterministic(record):
-    return {k: v for k, v in record.items() if not k.startswith(("time/", "perf/"))}
-
-
 def test_the_time_limit_checkpoints_requeues_and_resumes_with_the_same_metrics(
         two_node_cluster: TwoNodeCluster, uninterrupted, tmp_path):
     """Once step 3 is done the job's time limit is brought within the signal lead (120 s) and
@@ -112,7 +109,7 @@ def test_the_time_limit_checkpoints_requeues_and_resumes_with_the_same_metrics(
     resumed = _metrics(run_dir)
     assert [r["step"] for r in resumed] == [r["step"] for r in reference] == list(range(STEPS + 1))
     for ours, theirs in zip(resumed, reference, strict=True):
-        assert _deterministic(ours) == pytest.approx(_deterministic(theirs), rel=1e-6, abs=1e-9), ours["step"]
+        same_metrics(ours, theirs)
 
 
 def _wait_for_step(run_dir, step, timeout_s, job_state):
