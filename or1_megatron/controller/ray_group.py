@@ -94,6 +94,7 @@ class RayRankGroup:
         limit = timeout_s or self.timeout_s
         deadline = time.monotonic() + limit
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        results: dict[int, Any] = {}
         pending = list(refs)
         while pending:
             left = deadline - time.monotonic()
@@ -102,13 +103,14 @@ class RayRankGroup:
                 raise RankFailed(f"{what} did not finish on every rank within {limit:.0f} s")
             done, pending = ray.wait(pending, num_returns=1, timeout=min(left, 5.0))
             for ref in done:
-                self._raise_if_failed(ref, rank_of[ref], what)
-        return ray.get(list(refs))
+                results[rank_of[ref]] = self._result(ref, rank_of[ref], what)
+        return [results[rank] for rank in range(len(refs))]
 
-    def _raise_if_failed(self, ref: Any, rank: int, what: str) -> None:
+    def _result(self, ref: Any, rank: int, what: str) -> Any:
+        """The rank's result (fetched once); RankFailed naming the rank and its node."""
         where = f"policy rank {rank}" + (f" on node {self.nodes[rank]}" if rank < len(self.nodes) else "")
         try:
-            ray.get(ref)
+            return ray.get(ref)
         except ray.exceptions.RayActorError as exc:
             self.close()
             raise RankFailed(f"{where} died during {what} (its node or process is gone): {exc}") from None
