@@ -54,8 +54,9 @@ class _Slot:
     recovery: asyncio.Task | None = None
     served: int = 0
     history: list[str] = field(default_factory=list)
-    # Its restarts all failed (its node is gone, say): only a later successful restart, e.g.
-    # after a weight sync's readmission, brings it back.
+    # Its last recovery gave up (its node is gone, say). Cleared whenever a new failure, or a
+    # weight sync's readmission, starts another attempt: waiters give up only when every
+    # engine is down with nothing left to try.
     down: bool = False
 
 
@@ -282,12 +283,13 @@ class RolloutRouter:
                         slot.healthy = False
                         slot.history.append("process exited during a weight sync")
                     if not slot.healthy and (slot.recovery is None or slot.recovery.done()):
+                        slot.down = False  # another attempt starts
                         slot.recovery = asyncio.create_task(self._readmit(slot))
 
     def _mark_failed(self, slot: _Slot, reason: str) -> None:
         if not slot.healthy or self._closed:
             return
-        slot.healthy = False
+        slot.healthy, slot.down = False, False
         slot.history.append(reason)
         if self._holds:
             log.warning("engine %d (%s) failed during a weight sync: %s; out of service until "
@@ -321,7 +323,7 @@ class RolloutRouter:
                     slot.client = self._make_client(slot.process)
                     await self._replay(slot.client)
                 slot.health_failures = 0
-                slot.healthy, slot.down = True, False
+                slot.healthy = True
                 log.warning("engine %d (%s) is back after restart %d", slot.index,
                             slot.process.url, slot.process.restarts)
                 async with self._changed:
