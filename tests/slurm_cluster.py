@@ -157,24 +157,36 @@ def _wait_for(predicate, timeout: float, what: str, cluster: SlurmCluster) -> No
         time.sleep(0.3)
 
 
-def start_cluster(root: Path) -> SlurmCluster:
-    """Start munged, slurmctld and slurmd in the foreground (held as child processes)."""
+def munge_key(root: Path) -> tuple[Path, Path]:
+    """A fresh munge key under `root` (made private) and where munged's socket will be."""
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o700)  # munged refuses a socket or key directory writable by others
     munge = root / "munge"
     munge.mkdir(mode=0o700, exist_ok=True)
     key, auth_socket = munge / "munge.key", munge / "munge.socket"
     subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True, timeout=30)
+    return key, auth_socket
+
+
+def start_controller(cluster: SlurmCluster, key: Path, auth_socket: Path) -> None:
+    """munged with `key`, then slurmctld, each waited for until it answers."""
+    munge = key.parent
+    _start(cluster, ["munged", "--foreground", "--force", f"--socket={auth_socket}",
+                     f"--key-file={key}", f"--pid-file={munge / 'munged.pid'}",
+                     f"--log-file={cluster.root / 'log' / 'munged.log'}",
+                     f"--seed-file={munge / 'munged.seed'}"], "munged")
+    _wait_for(auth_socket.exists, 20, "munged's socket", cluster)
+    _start(cluster, ["slurmctld", "-D", "-c", "-i", "-f", str(cluster.conf)], "slurmctld")
+    _wait_for(lambda: cluster.run("scontrol", "ping").returncode == 0, 60, "slurmctld", cluster)
+
+
+def start_cluster(root: Path) -> SlurmCluster:
+    """Start munged, slurmctld and slurmd in the foreground (held as child processes)."""
+    key, auth_socket = munge_key(root)
     conf = write_slurm_conf(root, auth_socket)
     cluster = SlurmCluster(root=root, conf=conf)
     try:
-        _start(cluster, ["munged", "--foreground", "--force", f"--socket={auth_socket}",
-                         f"--key-file={key}", f"--pid-file={munge / 'munged.pid'}",
-                         f"--log-file={root / 'log' / 'munged.log'}",
-                         f"--seed-file={munge / 'munged.seed'}"], "munged")
-        _wait_for(auth_socket.exists, 20, "munged's socket", cluster)
-        _start(cluster, ["slurmctld", "-D", "-c", "-i", "-f", str(conf)], "slurmctld")
-        _wait_for(lambda: cluster.run("scontrol", "ping").returncode == 0, 60, "slurmctld", cluster)
+        start_controller(cluster, key, auth_socket)
         _start(cluster, ["slurmd", "-D", "-f", str(conf)], "slurmd")
         _wait_for(lambda: cluster.run("sinfo", "-h", "-o", "%T").stdout.strip() == "idle", 60,
                   "the node to become idle", cluster)

@@ -26,7 +26,9 @@ from typing import Iterator
 
 import pytest
 
-from tests.slurm_cluster import SlurmCluster, _free_port, _start, _wait_for, ensure_installed, stop_cluster
+from tests.slurm_cluster import (
+    SlurmCluster, _free_port, _start, _wait_for, ensure_installed, munge_key, start_controller, stop_cluster,
+)
 
 BRIDGE = "or1br0"
 NODES = ("or1n1", "or1n2")
@@ -175,24 +177,13 @@ def cut_off_from_head(cluster: "TwoNodeCluster", node: str) -> Iterator[None]:
 
 def start_two_node_cluster(root: Path) -> TwoNodeCluster:
     started = time.monotonic()
-    root.mkdir(parents=True, exist_ok=True)
-    root.chmod(0o700)
-    munge = root / "munge"
-    munge.mkdir(mode=0o700, exist_ok=True)
-    key, auth_socket = munge / "munge.key", munge / "munge.socket"
-    subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True, timeout=30)
+    key, auth_socket = munge_key(root)
     _set_up_network()
     slurmd_port = _free_port()
     slurm = SlurmCluster(root=root, conf=_write_conf(root, auth_socket, slurmd_port), partition=PARTITION)
     slurmds: dict[str, subprocess.Popen] = {}
     try:
-        _start(slurm, ["munged", "--foreground", "--force", f"--socket={auth_socket}",
-                       f"--key-file={key}", f"--pid-file={munge / 'munged.pid'}",
-                       f"--log-file={root / 'log' / 'munged.log'}",
-                       f"--seed-file={munge / 'munged.seed'}"], "munged")
-        _wait_for(auth_socket.exists, 20, "munged's socket", slurm)
-        _start(slurm, ["slurmctld", "-D", "-c", "-i", "-f", str(slurm.conf)], "slurmctld")
-        _wait_for(lambda: slurm.run("scontrol", "ping").returncode == 0, 60, "slurmctld", slurm)
+        start_controller(slurm, key, auth_socket)
         for node in NODES:
             slurmds[node] = _start(slurm, _slurmd_command(node, slurm.conf), f"slurmd-{node}")
         cluster = TwoNodeCluster(slurm, slurmds, 0.0, slurmd_port)
