@@ -24,6 +24,7 @@ from or1_megatron.convert.qwen2 import Qwen2Mapping
 
 log = logging.getLogger(__name__)
 
+
 class HfExports(StepDirs):
     def __init__(self, run_dir: str | Path, config: OR1Config):
         super().__init__(Path(run_dir) / "hf")

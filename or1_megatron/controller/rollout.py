@@ -50,9 +50,6 @@ class RolloutBatch:
                   for g in state["groups"]]
         return cls(groups, state["reward_errors"])
 
-    def weight_versions(self) -> list[str]:
-        return sorted({str(v) for g in self.groups for v in (g.weight_versions or [])})
-
     def rewards(self) -> torch.Tensor:
         """[prompts, group_size]"""
         return torch.tensor([g.rewards for g in self.groups], dtype=torch.float32)
