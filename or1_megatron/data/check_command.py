@@ -30,23 +30,26 @@ from or1_megatron.errors import OR1Error
 LENGTH_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
-def load_and_report(paths: Sequence[str], fmt: str) -> tuple[list[ProblemRecord], list[str]]:
-    """Every file's records (malformed rows skipped) and the report lines naming each skip."""
+def load_and_report(paths: Sequence[str], fmt: str) -> tuple[list[ProblemRecord], list[str], int]:
+    """Every file's records (malformed rows skipped), the report lines naming each skip, and
+    how many rows were skipped."""
     records: list[ProblemRecord] = []
     lines: list[str] = []
+    malformed = 0
     seen: dict[str, str] = {}
     for path in paths:
         skips = SkipCounter(path)
         loaded = load_problems(path, fmt, on_error="skip", skips=skips)
         lines.append(f"{path}: {skips.total} rows, {len(loaded)} loaded, {skips.skipped} malformed")
         lines += [f"  row {row}: {reason}" for row, reason in skips.rows]
+        malformed += skips.skipped
         duplicates = [r.uid for r in loaded if r.uid in seen]
         if duplicates:
             lines.append(f"  {len(duplicates)} uids also in an earlier file (or1 train refuses "
                          f"them), e.g. {duplicates[0]!r} (in {seen[duplicates[0]]})")
         seen.update((r.uid, path) for r in loaded)
         records.extend(loaded)
-    return records, lines
+    return records, lines, malformed
 
 
 def source_table(records: Sequence[ProblemRecord]) -> list[str]:
@@ -99,9 +102,7 @@ def length_distribution(lengths: list[int], limit: int | None) -> list[str]:
 
 
 def _filter_line(name: str, result: FilterResult) -> str:
-    total = len(result.kept) + sum(result.dropped.values())
-    dropped = ", ".join(f"{n} {reason}" for reason, n in result.dropped.most_common()) or "none"
-    return f"  {name}: kept {len(result.kept)} of {total} (dropped: {dropped})"
+    return f"  {name}: kept {len(result.kept)} of {result.total} (dropped: {result.dropped_text()})"
 
 
 def prompt_lengths(records: Sequence[ProblemRecord], tokenizer: Any) -> dict[str, int]:
@@ -119,9 +120,8 @@ def report(paths: Sequence[str], fmt: str = "auto", model: str = "", tokenizer_d
            max_prompt_length: int | None = None, pass_rates: str = "", on_error: str = "skip") -> str:
     """The whole report as text (see the module's docstring). `on_error`: the config's
     data.on_error, to say whether `or1 train` would stop at the first malformed row."""
-    records, lines = load_and_report(paths, fmt)
-    if on_error == "raise" and any(" malformed" in line and not line.endswith(" 0 malformed")
-                                   for line in lines):
+    records, lines, malformed = load_and_report(paths, fmt)
+    if on_error == "raise" and malformed:
         lines.append("data.on_error=raise: or1 train stops at the first malformed row; set "
                      "data.on_error=skip to train on the rest (each skip counted and logged)")
     lines += ["", *source_table(records)]

@@ -29,10 +29,17 @@ class FilterResult:
     kept: list[ProblemRecord]
     dropped: collections.Counter[str] = field(default_factory=collections.Counter)
 
+    @property
+    def total(self) -> int:
+        return len(self.kept) + sum(self.dropped.values())
+
+    def dropped_text(self) -> str:
+        """The drops by reason, most frequent first ("none" without any)."""
+        return ", ".join(f"{n} {reason}" for reason, n in self.dropped.most_common()) or "none"
+
     def log(self, name: str) -> None:
-        total = len(self.kept) + sum(self.dropped.values())
-        detail = ", ".join(f"{n} {reason}" for reason, n in self.dropped.most_common()) or "none"
-        logger.info("%s filter: kept %d of %d prompts; dropped: %s", name, len(self.kept), total, detail)
+        logger.info("%s filter: kept %d of %d prompts; dropped: %s", name, len(self.kept), self.total,
+                    self.dropped_text())
 
 
 def prompt_tokens(record: ProblemRecord, tokenizer: Any) -> int:
