@@ -25,10 +25,10 @@ def _run(fn, hidden, weight, targets, g_lp, g_ent, **kwargs):
 @pytest.mark.parametrize(
     "tokens, vocab, valid, temperature, chunk",
     [
-        (37, 101, None, 1.0, 8),  # T not a multiple of the chunk, odd vocab
+        (37, 101, None, 1.0, 8),  # V not a multiple of the chunk, odd vocab
         (37, 101, 90, 0.7, 16),  # padded vocab (ids >= 90 excluded), temperature < 1
         (16, 64, 64, 1.6, 16),  # one chunk exactly, temperature > 1
-        (5, 257, 200, 1.0, None),  # default chunk size (larger than T)
+        (5, 257, 200, 1.0, None),  # default chunk size (the whole vocabulary)
         (33, 128, 1, 1.0, 7),  # a single valid token: logprob 0, entropy 0
     ],
 )
@@ -36,7 +36,7 @@ def test_fp32_matches_fp64_oracle(tokens, vocab, valid, temperature, chunk):
     hidden, weight, targets, g_lp, g_ent = _inputs(tokens, 24, vocab, valid)
     lp, ent, gh, gw = _run(
         fused_logprob_entropy, hidden, weight, targets, g_lp, g_ent,
-        temperature=temperature, valid_vocab_size=valid, chunk_size=chunk, impl="torch",
+        temperature=temperature, valid_vocab_size=valid, vocab_chunk=chunk, impl="torch",
     )
     assert lp.dtype == ent.dtype == torch.float32 and lp.shape == (tokens,)
     errors = oracle_errors(hidden, weight, targets, lp, ent, gh, gw, g_lp, g_ent, temperature, valid)
@@ -48,7 +48,7 @@ def test_fp32_matches_fp64_oracle(tokens, vocab, valid, temperature, chunk):
 def test_each_output_alone_has_the_right_gradient():
     hidden, weight, targets, _, _ = _inputs(19, 8, 50)
     for pick in (0, 1):
-        out = fused_logprob_entropy(hidden, weight, targets, chunk_size=4)[pick]
+        out = fused_logprob_entropy(hidden, weight, targets, vocab_chunk=4)[pick]
         ref = oracle_logprob_entropy(hidden, weight, targets)[pick]
         got = torch.autograd.grad(out.sum(), (hidden, weight))
         want = torch.autograd.grad(ref.sum(), (hidden, weight))
@@ -59,7 +59,7 @@ def test_each_output_alone_has_the_right_gradient():
 def test_extreme_logits_stay_in_range():
     # Large logits (|z| ~ 1e3) and a dominant target: no overflow, logprob <= 0, entropy >= 0.
     hidden, weight, targets, g_lp, g_ent = _inputs(12, 16, 300, scale=60.0, seed=3)
-    lp, ent, gh, gw = _run(fused_logprob_entropy, hidden, weight, targets, g_lp, g_ent, chunk_size=5)
+    lp, ent, gh, gw = _run(fused_logprob_entropy, hidden, weight, targets, g_lp, g_ent, vocab_chunk=5)
     assert torch.isfinite(lp).all() and torch.isfinite(ent).all()
     assert (lp <= 0).all() and (ent >= 0).all()
     lp0, ent0 = oracle_logprob_entropy(hidden, weight, targets)
@@ -69,7 +69,7 @@ def test_extreme_logits_stay_in_range():
 
 def test_bf16_accumulates_in_fp32():
     hidden, weight, targets, g_lp, g_ent = _inputs(21, 32, 77, dtype=torch.bfloat16)
-    lp, ent, gh, gw = _run(fused_logprob_entropy, hidden, weight, targets, g_lp, g_ent, chunk_size=8)
+    lp, ent, gh, gw = _run(fused_logprob_entropy, hidden, weight, targets, g_lp, g_ent, vocab_chunk=8)
     assert lp.dtype == torch.float32 and gh.dtype == gw.dtype == torch.bfloat16
     # On CPU the matmul output is rounded to bf16 as in the naive path: compare with the oracle
     # at bf16 resolution of the logits, and with the naive bf16 path tightly.
@@ -93,7 +93,7 @@ def test_naive_path_matches_oracle():
 def test_no_weight_grad_when_frozen():
     hidden, weight, targets, _, _ = _inputs(9, 8, 30)
     weight = weight.detach()
-    lp, ent = fused_logprob_entropy(hidden, weight, targets, chunk_size=4)
+    lp, ent = fused_logprob_entropy(hidden, weight, targets, vocab_chunk=4)
     (gh,) = torch.autograd.grad((lp + ent).sum(), (hidden,))
     lp0, ent0 = oracle_logprob_entropy(hidden, weight, targets)
     (gh0,) = torch.autograd.grad((lp0 + ent0).sum(), (hidden,))
@@ -127,7 +127,7 @@ def test_bad_inputs_raise_clear_errors(change, message):
         ({"temperature": 0.0}, "temperature must be a finite number > 0"),
         ({"valid_vocab_size": 31}, "valid_vocab_size must be an int in \\[1, V_local \\* tp_size = 30\\]"),
         ({"valid_vocab_size": 5}, "targets must be global token ids in \\[0, 5\\)"),
-        ({"chunk_size": 0}, "chunk_size must be a positive int"),
+        ({"vocab_chunk": 0}, "vocab_chunk must be a positive int"),
         ({"impl": "cuda"}, "impl must be one of"),
     ],
 )
@@ -153,7 +153,7 @@ def test_cuda_bf16_matches_oracle(impl):
     g_lp, g_ent = torch.randn(tokens, device="cuda"), torch.randn(tokens, device="cuda")
     lp, ent, gh, gw = _run(
         fused_logprob_entropy, hidden, weight, targets, g_lp, g_ent,
-        temperature=0.9, valid_vocab_size=valid, chunk_size=300, impl=impl,
+        temperature=0.9, valid_vocab_size=valid, vocab_chunk=300, impl=impl,
     )
     oracle = oracle_outputs(hidden, weight, targets, g_lp, g_ent, 0.9, valid)
     result = {"logprob": lp, "entropy": ent, "grad_hidden": gh, "grad_weight": gw}
@@ -174,21 +174,35 @@ def test_triton_on_cpu_without_interpreter_is_refused_clearly():
 
 def test_ambient_autocast_does_not_change_the_result():
     hidden, weight, targets, g_lp, g_ent = _inputs(11, 8, 40)
-    want = _run(fused_logprob_entropy, hidden, weight, targets, g_lp, g_ent, chunk_size=4)
+    want = _run(fused_logprob_entropy, hidden, weight, targets, g_lp, g_ent, vocab_chunk=4)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        got = _run(fused_logprob_entropy, hidden, weight, targets, g_lp, g_ent, chunk_size=4)
+        got = _run(fused_logprob_entropy, hidden, weight, targets, g_lp, g_ent, vocab_chunk=4)
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype
         torch.testing.assert_close(g, w)
 
 
-def test_bf16_weight_grad_blocks_give_the_same_result(monkeypatch):
-    from or1_megatron.kernels import logprob
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vocab_chunking_does_not_change_the_result(dtype):
+    # One column per chunk merges 77 partial softmax states per token; the whole vocabulary in
+    # one chunk merges none. The chunk's target, padding and rescaling logic is all in between.
+    hidden, weight, targets, g_lp, g_ent = _inputs(21, 32, 77, dtype=dtype, seed=5)
+    want = _run(fused_logprob_entropy, hidden, weight, targets, g_lp, g_ent, vocab_chunk=77)
+    for chunk in (1, 10, 76):
+        got = _run(fused_logprob_entropy, hidden, weight, targets, g_lp, g_ent, vocab_chunk=chunk)
+        for name, g, w in zip(("logprob", "entropy", "grad_hidden", "grad_weight"), got, want, strict=True):
+            assert g.dtype == w.dtype, name
+            # values: fp32 merges, rounding only; gradients: identical per column, and the
+            # hidden gradient's fp32 sum over chunks rounds to the same bf16 value almost always
+            tol = 1e-5 if dtype == torch.float32 or name in ("logprob", "entropy") else 1e-2
+            torch.testing.assert_close(g.float(), w.float(), atol=tol, rtol=tol, msg=f"{name} chunk={chunk}")
 
-    hidden, weight, targets, g_lp, g_ent = _inputs(21, 32, 77, dtype=torch.bfloat16, seed=5)
-    want = _run(fused_logprob_entropy, hidden, weight, targets, g_lp, g_ent, chunk_size=8)
-    # Two vocabulary rows per fp32 block: the weight gradient is added in 39 pieces per chunk.
-    monkeypatch.setattr(logprob, "_CHUNK_ELEMS_DEFAULT", 64)
-    got = _run(fused_logprob_entropy, hidden, weight, targets, g_lp, g_ent, chunk_size=8)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w)
+
+def test_default_gpu_chunks_are_tensor_core_multiples():
+    from or1_megatron.kernels.logprob import vocab_chunk_columns
+
+    assert vocab_chunk_columns(8192, 152064, "cuda") == 4096  # 128 MiB of fp32 logits
+    assert vocab_chunk_columns(16384, 19008, "cuda") == 2048  # 32B at TP8
+    assert vocab_chunk_columns(10**6, 152064, "cuda") == 256  # never below one tile
+    assert vocab_chunk_columns(8192, 1000, "cuda") == 1000  # never above the vocabulary
+    assert vocab_chunk_columns(100, 50, "cpu", vocab_chunk=7) == 7

@@ -25,7 +25,7 @@ def _rank_check(rank, world_size, path, valid, temperature, chunk):
     group = torch.distributed.group.WORLD
     if path == "fused":
         lp, ent = fused_logprob_entropy(
-            hidden, weight, targets, temperature, group, valid, chunk_size=chunk, impl="torch"
+            hidden, weight, targets, temperature, group, valid, vocab_chunk=chunk, impl="torch"
         )
     else:
         lp, ent = naive_logprob_entropy(hidden, weight, targets, temperature, group, valid)

@@ -20,10 +20,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # name: (tokens, hidden, v_local, valid, temperature, chunk, dtype, block_v, tp)
 CASES = {
-    "fp32_one_block": (37, 16, 101, None, 1.0, 8, "float32", None, 1),
+    "fp32_one_block": (37, 16, 101, None, 1.0, 40, "float32", None, 1),
     "fp32_padded_temperature": (29, 16, 101, 90, 0.7, 16, "float32", None, 1),
-    "fp32_several_blocks": (13, 16, 101, 97, 1.3, 5, "float32", 32, 1),
-    "bf16_vs_naive": (21, 32, 77, None, 1.0, 8, "bfloat16", None, 1),
+    "fp32_several_blocks": (13, 16, 101, 97, 1.3, 64, "float32", 32, 1),  # 2 blocks per chunk
+    "bf16_vs_naive": (21, 32, 77, None, 1.0, 30, "bfloat16", None, 1),
     "fp32_tp2_padded": (23, 16, 40, 70, 0.8, 8, "float32", None, 2),
 }
 FP32_TOL = 2e-5
@@ -54,7 +54,7 @@ def _run_case(rank, world_size, name):
         gh, gw = torch.autograd.grad((g_lp * lp + g_ent * ent).sum(), (hidden, weight))
         return lp, ent, gh, gw
 
-    lp, ent, gh, gw = run(fused_logprob_entropy, chunk_size=chunk, impl="triton")
+    lp, ent, gh, gw = run(fused_logprob_entropy, vocab_chunk=chunk, impl="triton")
     errors = oracle_errors(hidden, full, targets, lp, ent, gh, gw, g_lp, g_ent, temperature, valid, shard)
     errors["logprob_above_zero"] = max(0.0, lp.max().item())
     if dtype != torch.float32:

@@ -1,13 +1,22 @@
-"""Profile the fused logprob/entropy against the naive path, side by side, in one run.
+"""Profile the fused logprob/entropy against the naive path and other kernels, side by side, in one run.
 
     python tools/profile_kernels.py --tokens 2048 --hidden 512 --vocab 32768 [--dtype float32]
-        [--device cpu|cuda] [--tp N] [--temperature 1.0] [--chunk-size C] [--impl auto]
+        [--device cpu|cuda] [--tp N] [--temperature 1.0] [--vocab-chunk C] [--impl auto]
+        [--compare liger,cce] [--peak-tflops P]
 
 For each path (fused: `fused_logprob_entropy`; naive: fp32 [T, V_local] logits + log_softmax +
-gather + entropy, Megatron-style all-reduces under TP) it prints the peak memory of one
-forward+backward, the forward and forward+backward times (median of --repeats after a warm-up)
-and the max abs error of values and gradients against the fp64 oracle, then a last line
-``memory_ratio=<naive/fused> time_ratio=<fused/naive> max_err=<fused>``.
+gather + entropy, Megatron-style all-reduces under TP; with --compare, Liger's fused linear
+cross-entropy and Cut Cross-Entropy where importable, log-prob only, see `kernel_anchors.py`)
+it prints the peak memory of one forward+backward, the forward and forward+backward times
+(median of --repeats after a warm-up), the fraction of the matmul roofline that time reaches,
+and the max abs error of values and gradients against the fp64 oracle (log-prob only for the
+anchors, which compute no entropy). The last line is
+``memory_ratio=<naive/fused> time_ratio=<fused/naive> max_err=<fused>`` plus
+``time_vs_<anchor>=<fused/anchor>`` for each anchor that ran.
+
+Roofline: forward + backward need at least 6*T*H*V_local matmul FLOPs (logits, hidden gradient,
+weight gradient); the peak they are divided by is a large matmul in the profiled dtype, timed on
+the same device in the same run (or --peak-tflops).
 
 Peak memory is the increase over the memory held once the inputs exist, so that both paths are
 charged for what they allocate (their gradients included) and nothing else:
@@ -36,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from or1_megatron.kernels import fused_logprob_entropy, naive_logprob_entropy  # noqa: E402
 from or1_megatron.kernels.reference import max_abs_errors, oracle_outputs  # noqa: E402
+from tools.kernel_anchors import ANCHORS, load_anchor  # noqa: E402
 
 PATHS = ("fused", "naive")
 
@@ -50,8 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks the vocabulary is split over")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--chunk-size", type=int, default=None, help="tokens per fused chunk (default: automatic)")
+    parser.add_argument("--vocab-chunk", type=int, default=None, help="vocabulary columns per fused chunk (default: automatic)")
     parser.add_argument("--impl", choices=("auto", "torch", "triton"), default="auto")
+    parser.add_argument("--compare", default="", help=f"comma-separated other kernels to run beside ours: {','.join(ANCHORS)}")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="matmul peak for the roofline (default: measured here)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions after one warm-up")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per rank")
     parser.add_argument("--seed", type=int, default=0)
@@ -66,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--device cuda: no CUDA GPU is available here")
     if args.device == "cuda" and args.tp > 1:
         parser.error("--tp > 1 is profiled on CPU (gloo) only; on GPUs run it under torchrun in the trainer")
+    args.compare = [name for name in args.compare.split(",") if name]
+    unknown = sorted(set(args.compare) - set(ANCHORS))
+    if unknown:
+        parser.error(f"--compare: unknown kernel(s) {', '.join(unknown)}; known: {', '.join(ANCHORS)}")
     return args
 
 
@@ -94,18 +110,35 @@ def make_inputs(args: argparse.Namespace, rank: int) -> dict:
     }
 
 
-def _call(path: str, args: argparse.Namespace, inputs: dict, group) -> tuple[torch.Tensor, torch.Tensor]:
+def _call(path: str, args: argparse.Namespace, inputs: dict, group) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logprob, entropy) of a path; entropy is None for the anchors, which compute none."""
     common = (inputs["hidden"], inputs["weight"], inputs["targets"], args.temperature, group, inputs["valid"])
     if path == "fused":
-        return fused_logprob_entropy(*common, chunk_size=args.chunk_size, impl=args.impl)
-    return naive_logprob_entropy(*common)
+        return fused_logprob_entropy(*common, vocab_chunk=args.vocab_chunk, impl=args.impl)
+    if path == "naive":
+        return naive_logprob_entropy(*common)
+    return args.anchors[path](inputs["hidden"], inputs["weight"], inputs["targets"], args.temperature), None
 
 
 def _forward_backward(path: str, args: argparse.Namespace, inputs: dict, group) -> dict:
     logprob, entropy = _call(path, args, inputs, group)
-    loss = (inputs["g_lp"] * logprob + inputs["g_ent"] * entropy).sum()
-    grad_h, grad_w = torch.autograd.grad(loss, (inputs["hidden"], inputs["weight"]))
+    loss = inputs["g_lp"] * logprob
+    if entropy is not None:
+        loss = loss + inputs["g_ent"] * entropy
+    grad_h, grad_w = torch.autograd.grad(loss.sum(), (inputs["hidden"], inputs["weight"]))
+    if entropy is None:  # its gradients miss the entropy term: only the log-prob is comparable
+        return {"logprob": logprob.detach()}
     return {"logprob": logprob.detach(), "entropy": entropy.detach(), "grad_hidden": grad_h, "grad_weight": grad_w}
+
+
+def matmul_peak_tflops(args: argparse.Namespace) -> float:
+    """Throughput of a large square matmul in the profiled dtype on the profiled device."""
+    n = 8192 if args.device == "cuda" else 1024
+    dtype = getattr(torch, args.dtype)
+    a = torch.randn(n, n, device=args.device).to(dtype)
+    b = torch.randn(n, n, device=args.device).to(dtype)
+    seconds = _median_seconds(lambda: torch.mm(a, b), args)
+    return 2 * n**3 / seconds / 1e12
 
 
 def _sync(args: argparse.Namespace) -> None:
@@ -190,7 +223,7 @@ def profile_rank(rank: int, world_size: int, args: argparse.Namespace) -> dict:
     )
     del inputs["full_weight"]
     report = {}
-    for path in PATHS:
+    for path in (*PATHS, *args.anchors):
         entry = {}
         if args.device == "cuda":
             entry["peak_bytes"] = measure_peak_bytes(path, args, inputs, group)
@@ -214,21 +247,39 @@ def _run_on_ranks(fn, args: argparse.Namespace):
     return run_forked(fn, args.tp, args, timeout_s=3600)
 
 
+def _load_anchors(args: argparse.Namespace) -> None:
+    args.anchors = {}
+    for name in args.compare:
+        fn, why_not = load_anchor(name, torch.device(args.device), args.tp)
+        if fn is None:
+            print(f"{name:5s} skipped: {why_not}", flush=True)
+        else:
+            args.anchors[name] = fn
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.memory_probe is not None:
+        args.anchors = {}
         print(f"peak_bytes={max(_run_on_ranks(_probe_rank, args))}")
         return 0
     print(
         f"T={args.tokens} H={args.hidden} V={args.vocab} valid={args.valid_vocab or args.vocab} "
         f"dtype={args.dtype} device={args.device} tp={args.tp} temperature={args.temperature} "
-        f"impl={args.impl} chunk={args.chunk_size or 'auto'} threads/rank={args.threads} repeats={args.repeats}",
+        f"impl={args.impl} vocab_chunk={args.vocab_chunk or 'auto'} threads/rank={args.threads} "
+        f"repeats={args.repeats}",
         flush=True,
     )
+    _load_anchors(args)
+    torch.set_num_threads(args.threads)
+    peak_tflops = args.peak_tflops or matmul_peak_tflops(args)
+    roofline_ms = 1e3 * 6 * args.tokens * args.hidden * (args.vocab // args.tp) / (peak_tflops * 1e12)
+    print(f"roofline: 6*T*H*V_local FLOPs at {peak_tflops:.1f} TFLOP/s "
+          f"({'given' if args.peak_tflops else 'measured here'}) = {roofline_ms:.2f}ms", flush=True)
     per_rank = _run_on_ranks(profile_rank, args)
     summary = {}
-    for path in PATHS:
+    for path in (*PATHS, *args.anchors):
         entries = [rank_report[path] for rank_report in per_rank]
         peak = (
             max(entry["peak_bytes"] for entry in entries)
@@ -246,15 +297,21 @@ def main(argv: list[str] | None = None) -> int:
         s = summary[path]
         print(
             f"{path:5s} peak_mem={s['peak_mib']:.1f}MiB forward={s['forward_ms']:.1f}ms "
-            f"forward+backward={s['forward_backward_ms']:.1f}ms max_err={s['max_err']:.3e} "
+            f"forward+backward={s['forward_backward_ms']:.1f}ms "
+            f"roofline_fraction={roofline_ms / s['forward_backward_ms']:.3f} max_err={s['max_err']:.3e} "
             f"errors={json.dumps({k: float(f'{v:.3e}') for k, v in errors.items()})}",
             flush=True,
         )
     fused, naive = summary["fused"], summary["naive"]
+    versus = "".join(
+        f" time_vs_{name}={fused['forward_backward_ms'] / summary[name]['forward_backward_ms']:.3f}"
+        f" memory_vs_{name}={fused['peak_mib'] / max(summary[name]['peak_mib'], 1e-9):.2f}"
+        for name in args.anchors
+    )
     print(
         f"memory_ratio={naive['peak_mib'] / max(fused['peak_mib'], 1e-9):.2f} "
         f"time_ratio={fused['forward_backward_ms'] / naive['forward_backward_ms']:.3f} "
-        f"max_err={fused['max_err']:.3e}"
+        f"max_err={fused['max_err']:.3e}{versus}"
     )
     return 0
 

@@ -1,17 +1,25 @@
 """Fused, vocab-parallel log-probability and entropy of the output layer, with its backward.
 
 This module owns `fused_logprob_entropy`: argument checks, the choice of row kernels (Triton or
-torch), the loop over token chunks, the matmuls with the weight, and the tensor-parallel
-combination of the softmax statistics. It never holds more than one chunk of logits
-(``chunk_size x V_local``) in forward or backward: the backward recomputes each chunk's logits
-from ``hidden`` and ``weight`` and overwrites them with their gradient.
+torch), the loop over vocabulary chunks, the matmuls with the weight, and the combination of the
+softmax statistics over chunks and over the tensor-parallel group.
+
+Both passes walk the vocabulary in chunks of columns, every chunk covering all ``T`` tokens, so
+no more than one ``[T, chunk]`` block of logits exists at a time:
+- forward: each chunk's local statistics (max, sum of exp, entropy term, target logit) are merged
+  into running per-token statistics, which is all the backward keeps (log-sum-exp and entropy);
+- backward: each chunk's logits are recomputed with one large matmul and turned into their
+  gradient; the hidden gradient accumulates over chunks in fp32, and the chunk's rows of the
+  weight gradient come from one matmul over all tokens (fp32 accumulation inside the matmul,
+  written once in the weight's dtype). No fp32 ``[V, H]`` buffer exists, and every matmul has
+  ``T`` or ``chunk`` (not a small token slice) as its large dimensions.
 
 Tensor parallelism (Megatron's vocab-parallel output layer): rank r of ``tp_group`` holds the
-contiguous rows ``[r * V_local, (r + 1) * V_local)`` of the weight. Each rank computes local
-statistics (max, sum of exp, entropy term, target logit) for its columns; one all-reduce MAX and
-one all-reduce SUM give the full-vocabulary values on every rank. In backward the gradient with
-respect to ``hidden`` is a sum over the vocabulary, so the per-rank partial sums are all-reduced
-(an all-reduce whose backward is an identity gives the wrong hidden gradient under TP).
+contiguous rows ``[r * V_local, (r + 1) * V_local)`` of the weight. One all-reduce MAX and one
+all-reduce SUM combine the per-rank statistics into full-vocabulary values on every rank. In
+backward the gradient with respect to ``hidden`` is a sum over the vocabulary, so the per-rank
+partial sums are all-reduced (an all-reduce whose backward is an identity gives the wrong hidden
+gradient under TP).
 """
 from __future__ import annotations
 
@@ -26,10 +34,14 @@ from or1_megatron.kernels import logprob_torch
 
 IMPLS = ("auto", "torch", "triton")
 
-# Elements of one fp32 logits chunk: ~16 MiB on CPU (cache-friendly and small next to the naive
-# [T, V] logits) and ~256 MiB on GPU (large enough for full-speed cuBLAS matmuls).
-_CHUNK_ELEMS = {"cuda": 1 << 26}
+# Elements of one fp32 logits chunk [T, columns]: ~16 MiB on CPU (cache-friendly, small next to
+# the naive [T, V] logits) and ~128 MiB on GPU (for T = 8192, 4096 columns: matmuls large enough
+# for full-speed cuBLAS while the chunk, its bf16 gradient and the fp32 hidden gradient stay
+# well under the weight gradient itself).
+_CHUNK_ELEMS = {"cuda": 1 << 25}
 _CHUNK_ELEMS_DEFAULT = 1 << 22
+# GPU chunks are a multiple of this many columns (tensor-core tiles), and at least one multiple.
+_GPU_COLUMN_MULTIPLE = 256
 
 
 @functools.lru_cache(maxsize=1)
@@ -79,17 +91,45 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b).float()
 
 
-def _add_weight_grad(grad_w32: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor) -> None:
-    """``grad_w32[:n_cols] += dz.T @ h_c`` in fp32, with temporaries no larger than a logits chunk."""
-    if dz.dtype == torch.float32:
-        grad_w32[: dz.shape[1]].addmm_(dz.t(), h_c)
-        return
-    # bf16/fp16: the fp32 product of the whole shard would be a [V_local, H] temporary per chunk
-    # (2.5 GB for Qwen's vocab at H=4096), so add it in blocks of vocabulary rows.
-    rows = max(1, _CHUNK_ELEMS.get(dz.device.type, _CHUNK_ELEMS_DEFAULT) // h_c.shape[1])
-    for start in range(0, dz.shape[1], rows):
-        stop = min(start + rows, dz.shape[1])
-        grad_w32[start:stop] += _mm_fp32(dz[:, start:stop].t(), h_c)
+@functools.lru_cache(maxsize=None)
+def _has_fp32_out_addmm(device_type: str, dtype: torch.dtype) -> bool:
+    # torch.addmm(acc, a, b, out_dtype=fp32, out=acc) adds a bf16 product into an fp32 buffer
+    # inside the matmul (beta = 1), with no fp32 temporary; CUDA only, like mm's out_dtype.
+    try:
+        acc = torch.zeros(2, 2, dtype=torch.float32, device=device_type)
+        a = torch.ones(2, 2, dtype=dtype, device=device_type)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        return bool(acc[0, 0] == 2.0)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _add_mm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` into the fp32 tensor ``acc``, accumulated in fp32 whatever the input dtype."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif _has_fp32_out_addmm(a.device.type, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(_mm_fp32(a, b))
+
+
+def vocab_chunk_columns(tokens: int, n_cols: int, device_type: str, vocab_chunk: int | None = None) -> int:
+    """Columns per vocabulary chunk: ``vocab_chunk`` if given, else the largest chunk whose fp32
+    ``[tokens, columns]`` logits fit the device's budget (a multiple of 256 on GPUs)."""
+    if vocab_chunk is None:
+        budget = _CHUNK_ELEMS.get(device_type, _CHUNK_ELEMS_DEFAULT)
+        vocab_chunk = max(1, budget // max(tokens, 1))
+        if device_type == "cuda":
+            step = _GPU_COLUMN_MULTIPLE
+            vocab_chunk = max(step, vocab_chunk // step * step)
+    return max(1, min(vocab_chunk, n_cols))
+
+
+def _chunk_targets(local_targets: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Targets relative to columns ``[start, stop)``; -1 where a token's target is elsewhere."""
+    shifted = local_targets - start
+    return torch.where((shifted >= 0) & (shifted < stop - start), shifted, torch.full_like(shifted, -1))
 
 
 def _tp_rank_size(tp_group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -105,7 +145,7 @@ def _check_inputs(
     temperature: float,
     tp_size: int,
     valid_vocab_size: int | None,
-    chunk_size: int | None,
+    vocab_chunk: int | None,
 ) -> int:
     """Raise a clear error for bad arguments; return the valid (unpadded) global vocab size."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 2:
@@ -136,8 +176,8 @@ def _check_inputs(
         )
     if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature != float("inf")):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if vocab_chunk is not None and (not isinstance(vocab_chunk, int) or vocab_chunk < 1):
+        raise ValueError(f"vocab_chunk must be a positive int or None, got {vocab_chunk!r}")
     padded = weight.shape[0] * tp_size
     valid = padded if valid_vocab_size is None else valid_vocab_size
     if not isinstance(valid, int) or not 1 <= valid <= padded:
@@ -154,6 +194,25 @@ def _check_inputs(
     return valid
 
 
+def _rescale(m: torch.Tensor, s: torch.Tensor, q: torch.Tensor, big_m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, q)`` of statistics taken about ``m`` re-expressed about the larger ``big_m``."""
+    # A part with no columns has m = -inf and s = q = 0: shift it by 0, not NaN.
+    m_safe = torch.where(torch.isfinite(m), m, big_m)
+    scale = torch.exp(m_safe - big_m)
+    return s * scale, scale * (q + (m_safe - big_m) * s)
+
+
+def _merge_(acc: torch.Tensor, part: torch.Tensor) -> None:
+    """Merge the statistics ``[4, T] = (m, s, q, zt)`` of a further vocabulary chunk into ``acc``."""
+    big_m = torch.maximum(acc[0], part[0])
+    s_a, q_a = _rescale(acc[0], acc[1], acc[2], big_m)
+    s_p, q_p = _rescale(part[0], part[1], part[2], big_m)
+    acc[0] = big_m
+    acc[1] = s_a + s_p
+    acc[2] = q_a + q_p
+    acc[3] += part[3]  # zt is 0 in every chunk but the target's
+
+
 def _combine(
     stats: torch.Tensor, tp_group: dist.ProcessGroup | None, tp_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -162,10 +221,7 @@ def _combine(
     big_m = m.clone()
     if tp_size > 1:
         dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=tp_group)
-    # A rank whose columns are all padding has m = -inf and s = q = 0: shift it by 0, not NaN.
-    m_safe = torch.where(torch.isfinite(m), m, big_m)
-    scale = torch.exp(m_safe - big_m)
-    sums = torch.stack([s * scale, scale * (q + (m_safe - big_m) * s), zt])
+    sums = torch.stack([*_rescale(m, s, q, big_m), zt])
     if tp_size > 1:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=tp_group)
     total_s, total_q, target_logit = sums.unbind(0)
@@ -179,7 +235,7 @@ def _combine(
 
 class _FusedLogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, tp_group, valid_vocab_size, chunk_size, kernels):
+    def forward(ctx, hidden, weight, targets, temperature, tp_group, valid_vocab_size, vocab_chunk, kernels):
         tp_rank, tp_size = _tp_rank_size(tp_group)
         v_local = weight.shape[0]
         offset = tp_rank * v_local
@@ -187,34 +243,27 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         # each rank the valid columns are a prefix and the padding is simply never computed.
         n_cols = max(0, min(v_local, valid_vocab_size - offset))
         local_targets = targets.long() - offset
-        local_targets = torch.where(
-            (local_targets >= 0) & (local_targets < n_cols), local_targets, torch.full_like(local_targets, -1)
-        )
         tokens = hidden.shape[0]
-        if chunk_size is None:
-            budget = _CHUNK_ELEMS.get(hidden.device.type, _CHUNK_ELEMS_DEFAULT)
-            chunk_size = max(16, budget // max(n_cols, 1))
-        chunk_size = min(chunk_size, tokens)
+        columns = vocab_chunk_columns(tokens, n_cols, hidden.device.type, vocab_chunk)
         inv_temp = 1.0 / float(temperature)
 
         stats = torch.empty((4, tokens), dtype=torch.float32, device=hidden.device)
-        if n_cols == 0:
-            stats[0].fill_(float("-inf"))
-            stats[1:].zero_()
-        else:
-            w_t = weight[:n_cols].t()
-            for start in range(0, tokens, chunk_size):
-                stop = min(start + chunk_size, tokens)
-                logits = _mm_fp32(hidden[start:stop], w_t)
-                chunk_stats = kernels.row_stats(logits, local_targets[start:stop], inv_temp)
-                for i in range(4):
-                    stats[i, start:stop] = chunk_stats[i]
-                del logits
+        stats[0].fill_(float("-inf"))
+        stats[1:].zero_()
+        for start in range(0, n_cols, columns):
+            stop = min(start + columns, n_cols)
+            logits = _mm_fp32(hidden, weight[start:stop].t())
+            part = torch.stack(kernels.row_stats(logits, _chunk_targets(local_targets, start, stop), inv_temp))
+            del logits
+            if start == 0:
+                stats.copy_(part)
+            else:
+                _merge_(stats, part)
         logprob, entropy, lse = _combine(stats, tp_group, tp_size)
 
         ctx.save_for_backward(hidden, weight, local_targets, lse, entropy)
         ctx.tp_group, ctx.tp_size, ctx.n_cols = tp_group, tp_size, n_cols
-        ctx.chunk_size, ctx.inv_temp, ctx.kernels = chunk_size, inv_temp, kernels
+        ctx.columns, ctx.inv_temp, ctx.kernels = columns, inv_temp, kernels
         # Exact arithmetic gives logprob <= 0 and entropy >= 0; clamp the rounding (values only:
         # the backward uses the unclamped lse and entropy, which are what the gradient needs).
         return logprob.clamp(max=0.0), entropy.clamp(min=0.0)
@@ -230,45 +279,41 @@ class _FusedLogprobEntropy(torch.autograd.Function):
     def _backward(ctx, grad_logprob, grad_entropy):
         hidden, weight, local_targets, lse, entropy = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = grad_w = None
         if not (need_h or need_w):
             return (None,) * 8
-        tokens = hidden.shape[0]
         n_cols = ctx.n_cols
         grad_logprob = grad_logprob.float()
         grad_entropy = grad_entropy.float()
-        # fp32 accumulators: the hidden gradient is all-reduced over TP in fp32, and the weight
-        # gradient sums over token chunks without rounding to bf16 after each chunk.
-        grad_h32 = torch.zeros((tokens, hidden.shape[1]), dtype=torch.float32, device=hidden.device) if need_h else None
-        grad_w32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        if n_cols > 0:
-            w = weight[:n_cols]
-            for start in range(0, tokens, ctx.chunk_size):
-                stop = min(start + ctx.chunk_size, tokens)
-                h_c = hidden[start:stop]
-                logits = _mm_fp32(h_c, w.t())
-                dz = ctx.kernels.row_grad_(
-                    logits,
-                    local_targets[start:stop],
-                    lse[start:stop],
-                    entropy[start:stop],
-                    grad_logprob[start:stop],
-                    grad_entropy[start:stop],
-                    ctx.inv_temp,
-                )
-                del logits
-                dz = dz.to(weight.dtype)  # matmuls in the model's dtype, accumulated in fp32
-                if need_h:
-                    grad_h32[start:stop] = _mm_fp32(dz, w)
-                if need_w:
-                    _add_weight_grad(grad_w32, dz, h_c)
-                del dz
+        # The hidden gradient sums over every chunk (and over TP ranks): fp32 until the end.
+        grad_h32 = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        if need_w:
+            grad_w[n_cols:].zero_()  # padding rows
+        for start in range(0, n_cols, ctx.columns):
+            stop = min(start + ctx.columns, n_cols)
+            w_c = weight[start:stop]
+            logits = _mm_fp32(hidden, w_c.t())
+            dz = ctx.kernels.row_grad(
+                logits,
+                _chunk_targets(local_targets, start, stop),
+                lse,
+                entropy,
+                grad_logprob,
+                grad_entropy,
+                ctx.inv_temp,
+                weight.dtype,  # the matmuls below run in the model's dtype, accumulating in fp32
+            )
+            del logits
+            if need_h:
+                _add_mm_fp32_(grad_h32, dz, w_c)
+            if need_w:
+                torch.mm(dz.t(), hidden, out=grad_w[start:stop])
+            del dz
+        grad_h = None
         if need_h:
             if ctx.tp_size > 1:
                 dist.all_reduce(grad_h32, op=dist.ReduceOp.SUM, group=ctx.tp_group)
             grad_h = grad_h32.to(hidden.dtype)
-        if need_w:
-            grad_w = grad_w32.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None, None, None
 
 
@@ -279,7 +324,7 @@ def fused_logprob_entropy(
     temperature: float = 1.0,
     tp_group: dist.ProcessGroup | None = None,
     valid_vocab_size: int | None = None,
-    chunk_size: int | None = None,
+    vocab_chunk: int | None = None,
     impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``log_softmax(hidden @ weight.T / temperature)[targets]`` and the entropy, over the full vocab.
@@ -293,7 +338,8 @@ def fused_logprob_entropy(
         tp_group: the tensor-parallel group the vocabulary is split over; None for no TP.
         valid_vocab_size: the unpadded vocabulary size; global ids at or above it are Megatron's
             padding and are excluded from the softmax. Defaults to ``V_local * tp_size``.
-        chunk_size: tokens per chunk of logits; None picks ~16 MiB (CPU) / ~256 MiB (GPU) chunks.
+        vocab_chunk: vocabulary columns per chunk of logits (each chunk covers all T tokens);
+            None picks fp32 chunks of ~16 MiB (CPU) / ~128 MiB (GPU).
         impl: "triton", "torch", or "auto" (Triton row kernels on CUDA when importable).
 
     Returns:
@@ -301,16 +347,16 @@ def fused_logprob_entropy(
         differentiable with respect to ``hidden`` (full-vocabulary gradient on every rank) and
         ``weight`` (this rank's shard). Statistics are accumulated in fp32 for any input dtype.
 
-    Memory besides one logits chunk: the backward accumulates the gradients in fp32 (``[T, H]``
-    and ``[V_local, H]``; for a bf16 weight the latter is twice the weight's size). Precision: on
-    CUDA the bf16 matmul writes fp32 logits (``torch.mm(out_dtype=)``); elsewhere its output is
-    rounded to bf16 first, exactly as in the naive path. Checking ``targets`` costs one sync.
+    Memory besides the gradients themselves: one fp32 logits chunk, its gradient in the model's
+    dtype, and the fp32 ``[T, H]`` accumulator of the hidden gradient. Precision: on CUDA the bf16
+    matmul writes fp32 logits (``torch.mm(out_dtype=)``); elsewhere its output is rounded to bf16
+    first, exactly as in the naive path. Checking ``targets`` costs one sync.
     """
     _, tp_size = _tp_rank_size(tp_group)
-    valid = _check_inputs(hidden, weight, targets, temperature, tp_size, valid_vocab_size, chunk_size)
+    valid = _check_inputs(hidden, weight, targets, temperature, tp_size, valid_vocab_size, vocab_chunk)
     kernels = _row_kernels(impl, hidden.device)
     # Autocast off: an ambient bf16 autocast would silently change the matmuls' dtypes.
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         return _FusedLogprobEntropy.apply(
-            hidden.contiguous(), weight.contiguous(), targets, float(temperature), tp_group, valid, chunk_size, kernels
+            hidden.contiguous(), weight.contiguous(), targets, float(temperature), tp_group, valid, vocab_chunk, kernels
         )

@@ -5,7 +5,8 @@ This module owns the two per-chunk row operations that `logprob.py` runs on a ch
 
 - `row_stats`: the local softmax statistics of each row (max, sum of exp, entropy term, target
   logit), which `logprob.py` combines across the tensor-parallel group;
-- `row_grad_`: overwrite the chunk with d(loss)/d(h W^T) given the global statistics.
+- `row_grad`: d(loss)/d(h W^T) of the chunk given the global statistics, in the dtype the
+  weight-gradient matmuls take.
 
 It never sees more than one chunk, never talks to other ranks and never runs a matmul with the
 weight. The Triton module `logprob_triton.py` implements the same two functions with the same
@@ -41,7 +42,7 @@ def row_stats(
     return m, s, q, zt
 
 
-def row_grad_(
+def row_grad(
     logits: torch.Tensor,
     local_targets: torch.Tensor,
     lse: torch.Tensor,
@@ -49,8 +50,10 @@ def row_grad_(
     grad_logprob: torch.Tensor,
     grad_entropy: torch.Tensor,
     inv_temp: float,
+    out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """d(loss)/d(h W^T) for a chunk, written over ``logits`` when it is fp32 (returned either way).
+    """d(loss)/d(h W^T) for a chunk as an ``out_dtype`` tensor, computed in fp32 (over ``logits``
+    when it is fp32, so ``logits`` may be overwritten).
 
     With ``z = h W^T / T``, ``logp = z - lse`` and ``p = exp(logp)`` over the full vocabulary:
     d logprob/dz_j = [j = target] - p_j and d entropy/dz_j = -p_j (z_j - E_p[z]) = -p_j (logp_j + H).
@@ -68,4 +71,4 @@ def row_grad_(
     on_rank = local_targets >= 0
     rows = torch.nonzero(on_rank).squeeze(1)
     z[rows, local_targets[rows]] += a.squeeze(1)[rows]
-    return z
+    return z.to(out_dtype)

@@ -1,11 +1,12 @@
 """Row kernels of the fused logprob/entropy in Triton: the GPU path.
 
-Same contract as `logprob_torch.py` (`row_stats`, `row_grad_`), one program per row of the
+Same contract as `logprob_torch.py` (`row_stats`, `row_grad`), one program per row of the
 logits chunk, looping over the vocabulary in blocks of ``BLOCK_V`` columns:
 
 - the forward reads each logit once (bf16 or fp32) and keeps an online, per-lane softmax state
   (max, sum of exp, entropy term) in fp32 registers, so no fp32 copy of the chunk is made;
-- the backward reads each logit once and writes the gradient in place.
+- the backward reads each logit once and writes its gradient once, in the dtype of the
+  weight-gradient matmuls (in place when that is the logits' own fp32).
 
 The matmuls stay in cuBLAS (`logprob.py`); these kernels replace the memory-bound softmax,
 gather and entropy passes. Importing this module defines the kernels: set ``TRITON_INTERPRET=1``
@@ -94,6 +95,8 @@ def _row_stats_kernel(
 def _row_grad_kernel(
     logits_ptr,
     stride_row,
+    out_ptr,
+    out_stride_row,
     targets_ptr,
     lse_ptr,
     ent_ptr,
@@ -105,6 +108,7 @@ def _row_grad_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row
+    out = out_ptr + row * out_stride_row
     offs = tl.arange(0, BLOCK_V)
     lse = tl.load(lse_ptr + row)
     ent = tl.load(ent_ptr + row)
@@ -118,7 +122,7 @@ def _row_grad_kernel(
         logp = x - lse
         p = tl.exp(logp)
         d = tl.where(cols == t, a, 0.0) - p * (a + b * (logp + ent))
-        tl.store(base + cols, d.to(logits_ptr.dtype.element_ty), mask=mask)
+        tl.store(out + cols, d.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _num_warps(block_v: int) -> int:
@@ -162,7 +166,7 @@ def row_stats(
     return out[0], out[1], out[2], out[3]
 
 
-def row_grad_(
+def row_grad(
     logits: torch.Tensor,
     local_targets: torch.Tensor,
     lse: torch.Tensor,
@@ -170,14 +174,18 @@ def row_grad_(
     grad_logprob: torch.Tensor,
     grad_entropy: torch.Tensor,
     inv_temp: float,
+    out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Triton version of `logprob_torch.row_grad_`: writes the gradient over ``logits``."""
+    """Triton version of `logprob_torch.row_grad` (over ``logits`` when ``out_dtype`` is its dtype)."""
     _check(logits)
     rows, n_cols = logits.shape
     block_v = _block_v(n_cols)
+    out = logits if out_dtype == logits.dtype else torch.empty(logits.shape, dtype=out_dtype, device=logits.device)
     _row_grad_kernel[(rows,)](
         logits,
         logits.stride(0),
+        out,
+        out.stride(0),
         local_targets,
         lse.contiguous(),
         entropy.contiguous(),
@@ -188,4 +196,4 @@ def row_grad_(
         BLOCK_V=block_v,
         num_warps=_num_warps(block_v),
     )
-    return logits
+    return out
