@@ -1,20 +1,30 @@
-"""The local spec's packed attention: numbers against a plain fp64 softmax attention per
-sequence, and memory that grows linearly with sequence length (what took a 1.5B model to a
+"""The local spec's packed attention: numbers against a plain fp64 rotary + softmax attention
+per sequence, and memory that grows linearly with sequence length (what took a 1.5B model to a
 117 GiB peak on a GPU was SDPA's math kernel keeping [heads, L, L] fp32 scores per layer)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from or1_megatron.config.schema import ModelConfig, ParallelConfig
 from or1_megatron.convert.hf_config import load_arch
+from or1_megatron.plan.measure import saved_activation_bytes
+from or1_megatron.policy.fused_ops import rope_cos_sin
 from or1_megatron.policy.model import PackedCoreAttention, transformer_config
 from or1_megatron.policy.packing import pack
 from or1_megatron.tiny_model import make_tiny_qwen2
 
 HEADS, GROUPS, HEAD_DIM = 8, 2, 16
+THETA = 1e4
+
+
+def with_rope(mb):
+    """The micro-batch's packed-sequence params with the rotary angles the model attaches."""
+    return replace(mb.packed_seq_params,
+                   rotary_cos_sin=rope_cos_sin(mb.position_ids, HEAD_DIM, THETA, torch.float32))
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +36,26 @@ def attention(tmp_path_factory):
     return PackedCoreAttention(config, layer_number=1, attn_mask_type=None, attention_type="self")
 
 
+def rotate(x, positions):
+    """Hugging Face's rotary embedding (rotate_half) of x [L, heads, d] at the given positions, fp64."""
+    inv_freq = 1.0 / THETA ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float64) / HEAD_DIM)
+    angles = torch.outer(positions.double(), inv_freq)
+    cos, sin = (f(torch.cat((angles, angles), -1))[:, None, :] for f in (torch.cos, torch.sin))
+    half = HEAD_DIM // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
 def reference(q, k, v, bounds):
-    """Causal softmax attention of each sequence with itself, fp64, K/V heads shared by groups."""
+    """Rotary embedding restarting at every sequence, then causal softmax attention of each
+    sequence with itself, fp64, K/V heads shared by groups."""
     q, k, v = (x.double() for x in (q, k, v))
     k, v = (x.repeat_interleave(HEADS // GROUPS, dim=1) for x in (k, v))
     out = torch.zeros_like(q)
     for start, end in zip(bounds[:-1], bounds[1:]):
-        qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [h, L, d]
+        positions = torch.arange(end - start)
+        qs, ks, vs = (x[start:end] for x in (q, k, v))
+        qs, ks = rotate(qs, positions), rotate(ks, positions)
+        qs, ks, vs = (x.transpose(0, 1) for x in (qs, ks, vs))  # [h, L, d]
         scores = qs @ ks.transpose(1, 2) / math.sqrt(HEAD_DIM)
         causal = torch.ones(end - start, end - start, dtype=torch.bool).tril()
         weights = scores.masked_fill(~causal, float("-inf")).softmax(-1)
@@ -48,7 +71,7 @@ def test_packed_attention_equals_plain_attention_per_sequence(attention):
     q = torch.randn(t, HEADS, HEAD_DIM, generator=g, requires_grad=True)
     k = torch.randn(t, GROUPS, HEAD_DIM, generator=g, requires_grad=True)
     v = torch.randn(t, GROUPS, HEAD_DIM, generator=g, requires_grad=True)
-    out = attention(q, k, v, None, packed_seq_params=mb.packed_seq_params)
+    out = attention(q, k, v, None, packed_seq_params=with_rope(mb))
     expected = reference(q, k, v, list(mb.host_bounds))
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
     # gradients too (the reference differentiates through fp64)
@@ -64,16 +87,7 @@ def saved_bytes(attention, length: int) -> int:
     q = torch.randn(length, HEADS, HEAD_DIM, requires_grad=True)
     k = torch.randn(length, GROUPS, HEAD_DIM, requires_grad=True)
     v = torch.randn(length, GROUPS, HEAD_DIM, requires_grad=True)
-    total = 0
-
-    def keep(tensor):
-        nonlocal total
-        total += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-        attention(q, k, v, None, packed_seq_params=mb.packed_seq_params)
-    return total
+    return saved_activation_bytes(attention, q, k, v, None, packed_seq_params=with_rope(mb))[1]
 
 
 def test_saved_tensors_grow_linearly_with_sequence_length(attention):

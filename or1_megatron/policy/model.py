@@ -1,9 +1,10 @@
 """Builds the Qwen2 policy as a Megatron-core GPTModel from a Hugging Face architecture.
 
 Two layer implementations build the same model with the same checkpoint keys:
-- "te": transformer-engine's spec (fused norm+linear, flash attention), used on GPUs;
-- "local": megatron's own modules with a Qwen2 RMSNorm and a packed-sequence attention, which is
-  what runs on CPU (TE cannot be installed there) and is the numerical reference.
+- "te": transformer-engine's spec (fused norm+linear, flash attention), used on GPUs with TE;
+- "local": megatron's linear layers with this project's fused RMSNorm, SwiGLU, per-token rotary
+  embeddings and a packed-sequence (varlen) attention (`fused_ops.py`): the TE-free fast path
+  on GPUs, what runs on CPU (TE cannot be installed there), and the numerical reference.
 The model's last pipeline stage returns final hidden states, not logits: log-probabilities and
 entropy come from the fused kernel over the output weight, so no [tokens, vocab] logits exist.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from dataclasses import replace
 from typing import Any, Optional
 
 import torch
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
@@ -28,6 +31,8 @@ from megatron.core.transformer.transformer_block import (
 
 from or1_megatron.config.schema import ModelConfig, ParallelConfig
 from or1_megatron.convert.hf_config import Qwen2Arch, padded_vocab_size
+from or1_megatron.policy.fused_ops import apply_rope, rms_norm, rope_cos_sin, swiglu
+from or1_megatron.policy.packing import HostPackedSeqParams
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -136,21 +141,33 @@ class Qwen2RMSNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        dtype = hidden.dtype
-        h = hidden.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return rms_norm(hidden, self.weight, self.eps)
+
+
+class SwiGLUMLP(MLP):
+    """Megatron's MLP (same linear layers, parameters and TP sharding) with the fused SwiGLU,
+    which saves only the gate/up projection for backward."""
+
+    def forward(self, hidden_states, per_token_scale=None, **kwargs):
+        if per_token_scale is not None:
+            raise ValueError("SwiGLUMLP is a dense MLP: per_token_scale (MoE) is not supported")
+        intermediate, bias = self.linear_fc1(hidden_states)
+        if bias is not None:
+            intermediate = intermediate + bias
+        return self.linear_fc2(swiglu(intermediate))
 
 
 class PackedCoreAttention(MegatronModule):
     """Causal attention over packed sequences ('thd' layout) for the local, non-TE spec.
 
-    Megatron's own DotProductAttention rejects packed sequences; rotary embeddings are already
-    applied per sequence by SelfAttention from `cu_seqlens`, so here each sequence attends
-    causally within itself only. Memory grows linearly with sequence length (no [L, L] scores
-    are kept): on a GPU one varlen flash-attention call over the whole pack, with GQA and no
-    host sync; elsewhere SDPA per sequence in 4-D with GQA, which takes torch's flash kernel
-    for CPUs (3-D inputs would fall back to the math kernel and save [heads, L, L] fp32 scores).
+    Megatron's own DotProductAttention rejects packed sequences. Rotary embeddings are applied
+    here, per token, from the ``(cos, sin)`` the model attached to the packed-sequence params
+    (megatron's own packed RoPE copies the boundaries to the host in every layer); then each
+    sequence attends causally within itself only. Memory grows linearly with sequence length
+    (no [L, L] scores are kept): on a GPU one varlen flash-attention call over the whole pack,
+    with GQA and no host sync; elsewhere SDPA per sequence in 4-D with GQA, which takes torch's
+    flash kernel for CPUs (3-D inputs would fall back to the math kernel and save
+    [heads, L, L] fp32 scores).
     """
 
     def __init__(
@@ -177,6 +194,10 @@ class PackedCoreAttention(MegatronModule):
         if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
             raise ValueError("PackedCoreAttention needs packed_seq_params with qkv_format='thd'")
         # query [t, heads, d]; key/value [t, groups, d]
+        if packed_seq_params.rotary_cos_sin is None:
+            raise ValueError("PackedCoreAttention needs the rotary (cos, sin) that PolicyGPTModel attaches")
+        cos, sin = packed_seq_params.rotary_cos_sin
+        query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
         if query.is_cuda and varlen_attention_available():
             out = varlen_causal_attention(query, key, value, packed_seq_params.cu_seqlens_q,
                                           packed_seq_params.max_seqlen_q, self.softmax_scale)
@@ -253,6 +274,7 @@ def layer_spec(config: TransformerConfig, use_te: bool, pp_rank: Optional[int] =
     spec.submodules.input_layernorm = norm
     spec.submodules.pre_mlp_layernorm = norm
     spec.submodules.self_attention.submodules.core_attention = PackedCoreAttention
+    spec.submodules.mlp.module = SwiGLUMLP
     num_layers = get_num_layers_to_build(config, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=Qwen2RMSNorm)
 
@@ -261,8 +283,23 @@ class PolicyGPTModel(GPTModel):
     """GPTModel whose last stage returns the final (normed) hidden states [t, 1, h].
 
     The policy turns them into log-probabilities with the fused kernel over `output_weight()`,
-    never materialising logits.
+    never materialising logits. With the local spec it computes the rotary ``(cos, sin)`` of
+    the packed batch's positions once per forward, for every layer's attention.
     """
+
+    def __init__(self, *args, local_rope: tuple[int, float] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.local_rope = local_rope  # (head_dim, theta) when the layers apply RoPE themselves
+
+    def forward(self, input_ids, position_ids, attention_mask, *args, packed_seq_params=None, **kwargs):
+        if self.local_rope is not None:
+            if not isinstance(packed_seq_params, HostPackedSeqParams):
+                raise ValueError("the local layer spec runs on packed micro-batches (PackedMicroBatch)")
+            head_dim, theta = self.local_rope
+            packed_seq_params = replace(packed_seq_params, rotary_cos_sin=rope_cos_sin(
+                position_ids, head_dim, theta, self.config.params_dtype))
+        return super().forward(input_ids, position_ids, attention_mask, *args,
+                               packed_seq_params=packed_seq_params, **kwargs)
 
     def _postprocess(self, hidden_states, *args, **kwargs):
         return hidden_states
@@ -298,9 +335,12 @@ def build_policy_model(
         post_process=post_process,
         parallel_output=True,
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        position_embedding_type="rope",
+        # The local spec applies RoPE in its attention (PackedCoreAttention); TE's uses
+        # megatron's fused packed RoPE.
+        position_embedding_type="rope" if use_te else "none",
         rotary_base=int(arch.rope_theta),
         rotary_percent=1.0,
+        local_rope=None if use_te else (arch.head_dim, float(arch.rope_theta)),
     )
     if device.type == "cuda":
         model.cuda(device)  # what megatron's own set-up does: any buffer made on the host moves

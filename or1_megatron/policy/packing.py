@@ -18,9 +18,11 @@ from megatron.core.packed_seq_params import PackedSeqParams
 @dataclass
 class HostPackedSeqParams(PackedSeqParams):
     """Megatron's packed-sequence parameters plus the boundaries on the host, so attention
-    that loops over sequences needs no device sync to find them."""
+    that loops over sequences needs no device sync to find them, and (set by the model for the
+    local spec) the per-token rotary ``(cos, sin)`` every layer applies."""
 
     host_bounds: tuple[int, ...] = ()
+    rotary_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass

@@ -1,0 +1,128 @@
+"""The local spec's fused RMSNorm, SwiGLU and per-token RoPE against independent references:
+plain-torch autograd of Hugging Face's formulas, and megatron's own packed ('thd') RoPE.
+
+Also what each keeps for backward (the activation memory the planner counts), and that the
+torch.compile'd bodies the GPU runs give the eager results (compiled here with inductor's CPU
+backend, which is what the GPU path uses minus the code generator)."""
+from __future__ import annotations
+
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from or1_megatron.plan.measure import saved_activation_bytes
+from or1_megatron.policy.fused_ops import apply_rope, rms_norm, rope_cos_sin, swiglu
+from or1_megatron.policy.packing import pack
+
+
+def hf_rms_norm(x, weight, eps):
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def plain_swiglu(y):
+    gate, up = y.chunk(2, -1)
+    return F.silu(gate) * up
+
+
+def _grads(fn, inputs, upstream):
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    return (out, *torch.autograd.grad(out, inputs, upstream))
+
+
+def _saved_bytes(fn, *inputs) -> int:
+    return saved_activation_bytes(fn, *inputs)[1]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_rms_norm_matches_hugging_face_values_and_gradients(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(13, 1, 48, generator=g) * 3).to(dtype)
+    weight = (1 + 0.1 * torch.randn(48, generator=g)).to(dtype)
+    upstream = torch.randn(13, 1, 48, generator=g).to(dtype)
+    ours = _grads(lambda a, w: rms_norm(a, w, 1e-6), (x, weight), upstream)
+    # The reference differentiates the formula in fp64: our fp32 statistics must agree with it.
+    theirs = _grads(lambda a, w: hf_rms_norm(a.double(), w.double(), 1e-6),
+                    (x, weight), upstream.double())
+    for name, a, b in zip(("out", "grad_x", "grad_weight"), ours, theirs, strict=True):
+        assert a.dtype == dtype, name
+        torch.testing.assert_close(a.double(), b.double(), atol=tol * max(1.0, b.abs().max().item()), rtol=tol, msg=name)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_swiglu_matches_plain_silu_gate(dtype, tol):
+    g = torch.Generator().manual_seed(1)
+    y = (torch.randn(9, 1, 2 * 20, generator=g) * 4).to(dtype)
+    upstream = torch.randn(9, 1, 20, generator=g).to(dtype)
+    ours = _grads(swiglu, (y,), upstream)
+    theirs = _grads(lambda a: plain_swiglu(a.double()), (y,), upstream.double())
+    for name, a, b in zip(("out", "grad_y"), ours, theirs, strict=True):
+        assert a.dtype == dtype, name
+        torch.testing.assert_close(a.double(), b.double(), atol=tol * max(1.0, b.abs().max().item()), rtol=tol, msg=name)
+
+
+def test_swiglu_rejects_an_odd_width():
+    with pytest.raises(ValueError, match="even last dimension"):
+        swiglu(torch.zeros(2, 5))
+
+
+def test_norm_and_gate_keep_only_their_inputs_for_backward():
+    tokens, hidden, ffn = 64, 32, 80
+    x = torch.randn(tokens, 1, hidden, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.ones(hidden, dtype=torch.bfloat16, requires_grad=True)  # counted: not excluded
+    y = torch.randn(tokens, 1, 2 * ffn, dtype=torch.bfloat16, requires_grad=True)
+    # RMSNorm: x (bf16) + weight + fp32 1/rms per token; eager HF keeps fp32 copies on top.
+    assert _saved_bytes(rms_norm, x, weight, 1e-6) == 2 * tokens * hidden + 2 * hidden + 4 * tokens
+    assert _saved_bytes(hf_rms_norm, x, weight, 1e-6) > 3 * tokens * hidden * 2
+    # SwiGLU: y only; eager keeps gate, up and silu(gate) as well.
+    assert _saved_bytes(swiglu, y) == 2 * tokens * 2 * ffn
+    assert _saved_bytes(plain_swiglu, y) > 2 * tokens * 2 * ffn
+
+
+def test_per_token_rope_equals_megatrons_packed_rope():
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_thd
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from or1_megatron.policy.cpu_compat import apply_cpu_patches
+
+    apply_cpu_patches()  # megatron's rotary module asks for the current CUDA device
+
+    head_dim, heads, theta = 16, 3, 1e6
+    mb = pack([list(range(n)) for n in (5, 11, 1, 7)], [0, 1, 2, 3], pad_to_multiple=8)
+    x = torch.randn(mb.num_tokens, heads, head_dim, generator=torch.Generator().manual_seed(2))
+    cos, sin = rope_cos_sin(mb.position_ids, head_dim, theta, torch.float32)
+    ours = apply_rope(x, cos, sin)
+    freqs = RotaryEmbedding(head_dim, rotary_percent=1.0, rotary_base=int(theta),
+                            use_cpu_initialization=True)(max(mb.seq_lengths) + 8, packed_seq=True)
+    no_context_parallel = SimpleNamespace(size=lambda: 1, rank=lambda: 0)
+    theirs = _apply_rotary_pos_emb_thd(x, mb.cu_seqlens, freqs, cp_group=no_context_parallel)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    # position 0 of every sequence is not rotated
+    starts = list(mb.host_bounds[:-1])
+    torch.testing.assert_close(ours[starts], x[starts])
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compiled_bodies_give_the_eager_results():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(21, 1, 32, generator=g)
+    weight = 1 + 0.1 * torch.randn(32, generator=g)
+    y = torch.randn(21, 1, 2 * 24, generator=g)
+    cos, sin = rope_cos_sin(torch.arange(21), 32, 1e4, torch.float32)
+    cases = {
+        "rms_norm": (lambda a, w, **kw: rms_norm(a, w, 1e-6, **kw), (x, weight)),
+        "swiglu": (lambda a, **kw: swiglu(a, **kw), (y,)),
+        "rope": (lambda a, **kw: apply_rope(a[:, 0].reshape(21, 1, 32), cos, sin, **kw), (x,)),
+    }
+    for name, (fn, inputs) in cases.items():
+        upstream = torch.randn_like(fn(*inputs))
+        eager = _grads(fn, inputs, upstream)
+        compiled = _grads(lambda *a, fn=fn: fn(*a, force_compile=True), inputs, upstream)
+        for a, b in zip(compiled, eager, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
