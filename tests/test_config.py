@@ -41,6 +41,14 @@ def test_yaml_and_overrides_resolve(tmp_path, hf_dir):
     assert load_config(saved) == cfg  # the saved file reproduces the run exactly
 
 
+def test_recompute_switch_of_older_configs_still_loads(tmp_path, hf_dir):
+    # model.recompute was true/false until 2026-12; saved run configs still say so.
+    path = write_yaml(tmp_path, BASE.format(hf=hf_dir).replace("dtype: fp32}", "dtype: fp32, recompute: true}"))
+    assert load_config(path).model.recompute == "full"
+    assert load_config(path, ["model.recompute=false"]).model.recompute == "none"
+    assert load_config(path, ["model.recompute=selective"]).model.recompute == "selective"
+
+
 @pytest.mark.parametrize(
     "yaml_extra, overrides, message",
     [
@@ -55,6 +63,7 @@ def test_yaml_and_overrides_resolve(tmp_path, hf_dir):
         ("", ["batch.mini_batch_prompts=3"], "batch.mini_batch_prompts"),
         ("", ["batch.micro_batch_tokens=100"], "batch.micro_batch_tokens"),
         ("", ["model.dtype=fp16"], "model.dtype"),
+        ("", ["model.recompute=partial"], "model.recompute: 'partial' is not one of ('none', 'selective', 'full')"),
         ("", ["parallel.tensor_parallel=1", "parallel.sequence_parallel=true"], "sequence_parallel"),
         ("", ["batch.max_response_length=1000", "batch.micro_batch_tokens=2048"], "max_position_embeddings"),
         ("", ["model.hf_path=/nonexistent"], "model.hf_path"),

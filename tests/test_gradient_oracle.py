@@ -25,7 +25,10 @@ CLIP_LOW, CLIP_HIGH, ENTROPY_COEF = 0.2, 0.28, 0.1
 PROMPT_LENGTH = 4
 LENGTHS = (9, 14, 7, 12, 10, 6)
 ADVANTAGES = (1.0, -1.0, 0.5, -0.5, 2.0, -2.0)
-LAYOUTS = {"world1": (1, 1, 1), "tp2": (2, 1, 2), "pp2": (1, 2, 2), "dp2": (1, 1, 2)}
+# name: (tp, pp, world, model.recompute)
+LAYOUTS = {"world1": (1, 1, 1, "none"), "tp2": (2, 1, 2, "none"), "pp2": (1, 2, 2, "none"),
+           "dp2": (1, 1, 2, "none"), "tp2_selective": (2, 1, 2, "selective"),
+           "pp2_full_recompute": (1, 2, 2, "full")}
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +78,10 @@ def oracle_gradients(hf_dir, batch: TrainBatch) -> dict[str, torch.Tensor]:
     return {name: p.grad for name, p in model.named_parameters()}
 
 
-def rank_gradients(rank, world, hf_dir, tp, pp, batch):
+def rank_gradients(rank, world, hf_dir, tp, pp, recompute, batch):
     config = policy_config(hf_dir, tp, pp, world, **{"optim.clip_grad": 0.0,
-                                                     "parallel.distributed_optimizer": False})
+                                                     "parallel.distributed_optimizer": False,
+                                                     "model.recompute": recompute})
     state = ranks.setup_policy_rank(rank, world, config)
     metrics = ranks.train_policy(state, batch, list(range(len(batch.samples))), ENTROPY_COEF,
                                  CLIP_LOW, CLIP_HIGH, 0.0)
@@ -99,9 +103,9 @@ def rank_gradients(rank, world, hf_dir, tp, pp, batch):
 
 
 def trainer_gradients(hf_dir, layout: str, batch: TrainBatch) -> dict[str, torch.Tensor]:
-    tp, pp, world = LAYOUTS[layout]
+    tp, pp, world, recompute = LAYOUTS[layout]
     merged: dict[str, torch.Tensor] = {}
-    for grads, metrics in run_forked(rank_gradients, world, hf_dir, tp, pp, batch, timeout_s=120):
+    for grads, metrics in run_forked(rank_gradients, world, hf_dir, tp, pp, recompute, batch, timeout_s=120):
         assert metrics["clipfrac_sum"] > 0  # clipping is part of what is compared
         merged.update(grads)
     return merged

@@ -21,7 +21,7 @@ def layer_params(h, kv_dim, f):
 @pytest.mark.parametrize("arch, total", [(ARCH_7B, 7_615_616_512), (ARCH_32B, 32_763_876_352)])
 def test_single_rank_holds_every_parameter(arch, total):
     assert stage_params_per_rank(arch, 1, 1, VOCAB) == [total]
-    mem = policy_memory(arch, tp=1, pp=1, dp=8, micro_batch_tokens=1, padded_vocab=VOCAB, recompute=True)
+    mem = policy_memory(arch, tp=1, pp=1, dp=8, micro_batch_tokens=1, padded_vocab=VOCAB, recompute="full")
     assert (mem.weights, mem.grads, mem.optimizer) == (2 * total, 4 * total, int(12 * total / 8))
 
 
@@ -35,20 +35,36 @@ def test_7b_split_by_hand_at_tp2_pp2():
     last = 14 * layer_tp2 + VOCAB * h // 2 + h  # + output layer shard and the final norm
     assert stage_params_per_rank(ARCH_7B, 2, 2, VOCAB) == [first, last]
     mem = policy_memory(ARCH_7B, tp=2, pp=2, dp=2, micro_batch_tokens=16384, padded_vocab=VOCAB,
-                        recompute=False)
+                        recompute="none")
     assert mem.params == last and mem.optimizer == 6 * last
 
 
 def test_activations_and_logits_by_hand():
-    h, f, kv, tokens = 5120, 27648, 1024, 16384
-    per_token_layer = 2 * (6 * h + 2 * kv + 3 * f)
-    assert activation_bytes_per_token_layer(ARCH_32B) == per_token_layer
-    full = policy_memory(ARCH_32B, tp=8, pp=4, dp=1, micro_batch_tokens=tokens, padded_vocab=VOCAB,
-                         recompute=False, fused_logprob=False)
-    assert full.activations == per_token_layer * tokens // 8 * 16 * 4
-    assert full.logits == 2 * 4 * tokens * VOCAB // 8
-    recomputed = policy_memory(ARCH_32B, tp=8, pp=4, dp=1, micro_batch_tokens=tokens,
-                               padded_vocab=VOCAB, recompute=True, logprob_chunk_tokens=2048)
-    assert recomputed.activations == (2 * h * tokens // 8 * 16 + per_token_layer * tokens // 8) * 4
-    assert recomputed.logits == 2 * 4 * 2048 * VOCAB // 8
-    assert recomputed.total < full.total
+    h, f, kv, heads, tokens = 5120, 27648, 1024, 40, 16384
+    # bf16: norm in/out x2, rotated q and k, the qkv output, attention output, gate/up, SwiGLU
+    # out; fp32: two 1/rms and one log-sum-exp per head
+    attention = 2 * ((h + kv) + (h + 2 * kv) + h) + 4 * heads
+    none = 2 * (4 * h + 3 * f) + 8 + attention
+    selective = 2 * 2 * h + attention
+    assert activation_bytes_per_token_layer(ARCH_32B, "none") == none
+    assert activation_bytes_per_token_layer(ARCH_32B, "selective") == selective
+    assert activation_bytes_per_token_layer(ARCH_32B, "full") == 2 * h
+    plain = policy_memory(ARCH_32B, tp=8, pp=4, dp=1, micro_batch_tokens=tokens, padded_vocab=VOCAB,
+                          recompute="none", fused_logprob=False)
+    assert plain.activations == none * tokens // 8 * 16 * 4  # 16 layers per stage, 4 in flight
+    assert plain.logits == 2 * 4 * tokens * VOCAB // 8 + 2 * VOCAB // 8 * h
+    sel = policy_memory(ARCH_32B, tp=8, pp=4, dp=1, micro_batch_tokens=tokens, padded_vocab=VOCAB,
+                        recompute="selective")
+    # + one layer's recomputed MLP (norm output, gate/up, SwiGLU output) during backward
+    assert sel.activations == selective * tokens // 8 * 16 * 4 + 2 * (h + 3 * f) * tokens // 8
+    full = policy_memory(ARCH_32B, tp=8, pp=4, dp=1, micro_batch_tokens=tokens,
+                         padded_vocab=VOCAB, recompute="full", logprob_chunk_elems=2**24)
+    assert full.activations == 2 * h * tokens // 8 * 16 * 4 + none * tokens // 8
+    # fused: one 2**24-element fp32 chunk and its bf16 gradient, the fp32 [tokens, h] accumulator
+    assert full.logits == 6 * 2**24 + 4 * tokens * h + 2 * VOCAB // 8 * h
+    assert full.total < sel.total < plain.total
+
+
+def test_unknown_recompute_mode_is_named():
+    with pytest.raises(ValueError, match="recompute must be one of none, selective, full; got 'yes'"):
+        activation_bytes_per_token_layer(ARCH_7B, "yes")

@@ -69,14 +69,15 @@ def test_paper_layouts_fit_with_hand_computed_memory(config, model, nodes, dims,
     assert plan.fits and suggestion is None and notes == []
     p = rank_params(h, kv, f, layers, tp)
     state = 2 * p + 4 * p + int(12 / dp * p)
-    per_layer = 2 * (6 * h + 2 * kv + 3 * f) * tokens // tp
+    heads = h // 128
+    per_layer = (2 * (4 * h + 3 * f) + 8 + 2 * ((h + kv) + (h + 2 * kv) + h) + 4 * heads) * tokens // tp
     with_recompute = 2 * h * tokens // tp * layers + per_layer
-    logits = 2 * 4 * 4096 * V // tp
+    logits = 6 * 2**25 + 4 * tokens * h + 2 * V // tp * h
     overhead = 4 * GIB
     for sp in plan.stages:
         m = sp.policy
         assert (m.params, m.weights, m.grads, m.optimizer) == (p, 2 * p, 4 * p, int(12 / dp * p))
-        assert m.activations == with_recompute and sp.policy_flipped.activations == per_layer * layers
+        assert m.activations == with_recompute and sp.activations_by_mode["none"] == per_layer * layers
         assert m.logits == logits
         assert sp.train_peak == state + with_recompute + logits + overhead
         assert sp.rollout_peak == state + int(0.5 * H100.memory_bytes) + overhead
@@ -132,13 +133,13 @@ def _fix(out: str) -> tuple[list[str], list[str]]:
 def test_too_small_layout_is_explained_and_the_advice_fits(capsys):
     base = ["--config", str(REPO / "configs" / "or1_32b.yaml"), "--gpu", "h100-80gb",
             f"model.hf_path={MODEL_32B}"]
-    code, out = _run(capsys, base + ["--nodes", "8", "parallel.tensor_parallel=2", "model.recompute=false"])
+    code, out = _run(capsys, base + ["--nodes", "8", "parallel.tensor_parallel=2", "model.recompute=none"])
     assert code == 1
-    assert "DOES NOT FIT: training needs" in out and "without recompute" in out
+    assert "DOES NOT FIT: training needs" in out and "with recompute none" in out
     assert "DOES NOT FIT: rollout needs" in out
     nodes, fix = _fix(out)
     assert nodes == [] and fix  # larger TP or recompute fits on the same 8 nodes
-    code, out = _run(capsys, base + ["--nodes", "8", "parallel.tensor_parallel=2", "model.recompute=false", *fix])
+    code, out = _run(capsys, base + ["--nodes", "8", "parallel.tensor_parallel=2", "model.recompute=none", *fix])
     assert code == 0 and "FITS: peak" in out
 
     # one node cannot hold 32B's policy state next to the engines: the advice adds nodes
@@ -174,6 +175,6 @@ def test_tools_plan_script_prints_the_breakdown():
 
 def _layout(tp: int) -> Layout:
     return Layout(tensor_parallel=tp, pipeline_parallel=1, context_parallel=1, world_size=tp,
-                  sequence_parallel=tp > 1, distributed_optimizer=True, recompute=True,
+                  sequence_parallel=tp > 1, distributed_optimizer=True, recompute="full",
                   micro_batch_tokens=4096, placement="colocated", engines=1, engine_tp=1,
                   mem_fraction=0.5, transport="colocated")

@@ -24,11 +24,20 @@ class ModelConfig:
     dtype: str = "bf16"
     # The vocabulary is padded to a multiple of lcm(this, TP) rows (TP-independent when TP divides it).
     make_vocab_size_divisible_by: int = 128
-    # Full activation recompute of every transformer layer.
-    recompute: bool = False
+    # Activation recompute: "none"; "selective" (each layer's norms and MLP are recomputed in
+    # backward, its attention inputs/outputs kept: ~1/3 of the activations for ~1/5 more
+    # compute); "full" (only each layer's input is kept; the whole layer is recomputed).
+    recompute: str = "none"
     # Layer implementation: "auto" (transformer-engine on GPUs, megatron's local modules on CPU),
     # "te" or "local".
     layer_spec: str = "auto"
+
+    def __post_init__(self) -> None:
+        # recompute was a switch until 2026-12: configs saved then (true/false) still load.
+        self.recompute = _LEGACY_RECOMPUTE.get(str(self.recompute), self.recompute)
+
+
+_LEGACY_RECOMPUTE = {"True": "full", "true": "full", "False": "none", "false": "none"}
 
 
 @dataclass
@@ -315,6 +324,7 @@ class OR1Config:
 # Valid values of enumerated string options, checked by config.validate.
 DTYPES = ("fp32", "bf16")
 LAYER_SPECS = ("auto", "te", "local")
+RECOMPUTE_MODES = ("none", "selective", "full")  # least memory saved first
 SYNC_TRANSPORTS = ("colocated", "distributed", "disk")
 SYNC_PAUSE_MODES = ("abort", "retract", "in_place")
 ROLLOUT_BACKENDS = ("auto", "cpu", "torch", "sglang")

@@ -6,7 +6,8 @@ naming the key and the file, not in a collective twenty minutes into a cluster j
 from __future__ import annotations
 
 from or1_megatron.config.schema import (
-    ALGO_MODES, DATA_ON_ERROR, DTYPES, IS_CORRECTIONS, LAYER_SPECS, MATH_BOXED, PLACEMENTS, REWARD_COMPAT, ROLLOUT_BACKENDS,
+    ALGO_MODES, DATA_ON_ERROR, DTYPES, IS_CORRECTIONS, LAYER_SPECS, MATH_BOXED, PLACEMENTS, RECOMPUTE_MODES,
+    REWARD_COMPAT, ROLLOUT_BACKENDS,
     SYNC_PAUSE_MODES, SYNC_TRANSPORTS, OR1Config,
 )
 from or1_megatron.config.stages import Stage, resolve_stages
@@ -25,6 +26,8 @@ def validate(cfg: OR1Config, source: str) -> None:
     _check(m.dtype in DTYPES, source, "model.dtype", f"{m.dtype!r} is not one of {DTYPES}")
     _check(m.layer_spec in LAYER_SPECS, source, "model.layer_spec",
            f"{m.layer_spec!r} is not one of {LAYER_SPECS}")
+    _check(m.recompute in RECOMPUTE_MODES, source, "model.recompute",
+           f"{m.recompute!r} is not one of {RECOMPUTE_MODES}")
     for key, value in (("parallel.tensor_parallel", p.tensor_parallel),
                        ("parallel.pipeline_parallel", p.pipeline_parallel),
                        ("parallel.context_parallel", p.context_parallel),

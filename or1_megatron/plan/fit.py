@@ -15,6 +15,7 @@ import itertools
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
+from or1_megatron.config.schema import RECOMPUTE_MODES
 from or1_megatron.config.stages import Stage
 from or1_megatron.convert.hf_config import Qwen2Arch, layout_problems
 from or1_megatron.plan.engine_memory import EngineMemory, engine_memory
@@ -33,7 +34,7 @@ def total_params(arch: Qwen2Arch, padded_vocab: int) -> int:
     return _params_per_rank(arch, 1, 1, padded_vocab)
 
 
-def policy_for(arch: Qwen2Arch, layout: Layout, recompute: bool) -> PolicyMemory:
+def policy_for(arch: Qwen2Arch, layout: Layout, recompute: str) -> PolicyMemory:
     """One policy rank's memory; context parallelism splits each micro-batch's tokens."""
     return policy_memory(
         arch, tp=layout.tensor_parallel, pp=layout.pipeline_parallel,
@@ -50,8 +51,8 @@ def policy_for(arch: Qwen2Arch, layout: Layout, recompute: bool) -> PolicyMemory
 class StagePlan:
     stage: Stage
     longest_sequence: int
-    policy: PolicyMemory          # at the layout's recompute setting
-    policy_flipped: PolicyMemory  # the other setting, for comparison
+    policy: PolicyMemory          # at the layout's recompute mode
+    activations_by_mode: dict[str, int]  # every recompute mode's activations, for comparison
     engine: EngineMemory
     train_peak: int
     rollout_peak: int
@@ -108,7 +109,7 @@ def _stage_problems(plan: StagePlan, layout: Layout, gpu: GPU, eff: Efficiency) 
     problems, policy, capacity = [], plan.policy, gpu.memory_bytes
     if plan.train_peak > capacity:
         act = f"activations {_gib(policy.activations)} for {layout.micro_batch_tokens:,}-token micro-batches"
-        act += " with recompute" if layout.recompute else " without recompute"
+        act += f" with recompute {layout.recompute}"
         problems.append(f"training needs {_gib(plan.train_peak)} of {_gib(capacity)}: policy state "
                         f"{_gib(policy.weights + policy.grads + policy.optimizer)}, {act}, logits "
                         f"{_gib(policy.logits)}, overhead {eff.overhead_gib:.1f} GiB")
@@ -133,7 +134,7 @@ def evaluate(arch: Qwen2Arch, layout: Layout, stages: list[Stage], gpu: GPU, nod
     padded = layout.padded_vocab(arch.vocab_size)
     total = total_params(arch, padded)
     policy = policy_for(arch, layout, layout.recompute)
-    flipped = policy_for(arch, layout, not layout.recompute)
+    by_mode = {mode: policy_for(arch, layout, mode).activations for mode in RECOMPUTE_MODES}
     engine = engine_memory(arch, total, engine_tp=layout.engine_tp, mem_fraction=layout.mem_fraction,
                            gpu_memory=gpu.memory_bytes)
     overhead = int(eff.overhead_gib * GIB)
@@ -142,7 +143,7 @@ def evaluate(arch: Qwen2Arch, layout: Layout, stages: list[Stage], gpu: GPU, nod
     for stage in stages:
         draft = StagePlan(
             stage=stage, longest_sequence=layout.max_prompt_length + stage.max_response_length,
-            policy=policy, policy_flipped=flipped, engine=engine,
+            policy=policy, activations_by_mode=by_mode, engine=engine,
             train_peak=policy.total + overhead,
             rollout_peak=state + engine.static + overhead if layout.placement == "colocated" else 0,
             time=(step_time(arch, layout, stage, gpu, eff, workload, engine, total, policy.params)
@@ -158,7 +159,8 @@ def _candidates(arch: Qwen2Arch, layout: Layout, gpu: GPU, nodes: int, stages: l
     longest = layout.max_prompt_length + max(s.max_response_length for s in stages)
     tps = [t for t in (1, 2, 4, 8) if layout.tensor_parallel <= t <= gpu.gpus_per_node]
     pps = [p for p in range(layout.pipeline_parallel, 9) if arch.num_layers % p == 0]
-    recomputes = sorted({layout.recompute, True})
+    # the layout's own recompute mode, and the ones that save more memory
+    recomputes = list(RECOMPUTE_MODES[RECOMPUTE_MODES.index(layout.recompute):])
     tokens = sorted({layout.micro_batch_tokens, min(layout.micro_batch_tokens, longest)})
     fractions = [layout.mem_fraction] + [f for f in (0.7, 0.6, 0.5, 0.4, 0.3) if f < layout.mem_fraction]
     if layout.placement != "colocated":

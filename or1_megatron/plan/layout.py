@@ -37,7 +37,7 @@ class Layout:
     world_size: int
     sequence_parallel: bool
     distributed_optimizer: bool
-    recompute: bool
+    recompute: str                # a RECOMPUTE_MODES value
     micro_batch_tokens: int
     placement: str
     engines: int

@@ -8,12 +8,21 @@ the exact parameter counts (7,615,616,512 and 32,763,876,352) split the way mega
 Bytes per parameter (bf16 training with megatron's DDP and distributed optimizer):
   weights 2 (bf16) | gradient buffer 4 (fp32 reduce) | optimizer 12 / DP (fp32 master copy and
   Adam's two moments, sharded over the data-parallel ranks; unsharded 12 without it).
-Activations per token per layer (bf16, flash attention, no dropout), divided by TP under
-sequence parallelism: the tensors saved for backward are the two norm inputs and outputs
-(4h), q/k/v (h + 2 kv_dim), the attention output (h), the MLP's gate/up output (2f) and its
-SwiGLU output (f): 2 bytes x (6h + 2 kv_dim + 3f). Full recompute keeps only each layer's input
-(2h) plus one layer's full set while it is recomputed. With 1F1B the first stage holds PP
-micro-batches in flight.
+Activations per token per layer (bf16, the local spec's fused norms and SwiGLU, varlen flash
+attention, no dropout), divided by TP under sequence parallelism; `plan.measure` counts the same
+thing on a real forward and the tests hold this arithmetic to it:
+  - recompute none: the two norms' inputs and outputs (4h), the rotated q and k (h + kv), the
+    q/k/v projection output that v is a view of (h + 2 kv), the attention output (h), the gate/up
+    projection (2f) and the SwiGLU output (f): 2 bytes x (7h + 3 kv + 3f), plus fp32 per token
+    the norms' 1/rms (2) and attention's log-sum-exp (one per head);
+  - selective (norms and MLP recomputed): the norms' inputs (2h) and the attention tensors:
+    2 bytes x (5h + 3 kv) plus the log-sum-exp; while one layer's MLP is recomputed in backward
+    it holds that layer's norm output, gate/up and SwiGLU output again (h + 3f);
+  - full: each layer's input (2h), plus one layer's full set while it is recomputed.
+With 1F1B the first stage holds PP micro-batches in flight.
+The fused log-prob kernel holds one fp32 chunk of logits (at most 2**25 elements), its bf16
+gradient and the fp32 [tokens, h] hidden-gradient accumulator; the output layer's bf16 weight
+gradient exists until megatron adds it into the fp32 buffer.
 """
 from __future__ import annotations
 
@@ -40,10 +49,30 @@ def stage_params_per_rank(arch: Qwen2Arch, tp: int, pp: int, padded_vocab: int) 
     return counts
 
 
-def activation_bytes_per_token_layer(arch: Qwen2Arch) -> int:
-    """bf16 activations one layer saves for backward, per token, before any TP split."""
-    kv_dim = arch.num_key_value_heads * arch.head_dim
-    return 2 * (6 * arch.hidden_size + 2 * kv_dim + 3 * arch.ffn_hidden_size)
+def _attention_bytes_per_token(arch: Qwen2Arch) -> int:
+    h, kv = arch.hidden_size, arch.num_key_value_heads * arch.head_dim
+    return 2 * ((h + kv) + (h + 2 * kv) + h) + 4 * arch.num_attention_heads
+
+
+def activation_bytes_per_token_layer(arch: Qwen2Arch, recompute: str = "none") -> int:
+    """bf16 activations one layer keeps for backward, per token, before any TP split."""
+    h, f = arch.hidden_size, arch.ffn_hidden_size
+    if recompute == "none":
+        return 2 * (4 * h + 3 * f) + 4 * 2 + _attention_bytes_per_token(arch)
+    if recompute == "selective":
+        return 2 * 2 * h + _attention_bytes_per_token(arch)
+    if recompute == "full":
+        return 2 * h
+    raise ValueError(f"recompute must be one of none, selective, full; got {recompute!r}")
+
+
+def recompute_transient_bytes_per_token(arch: Qwen2Arch, recompute: str) -> int:
+    """What one layer holds again while its recomputed part runs in backward, per token."""
+    if recompute == "full":
+        return activation_bytes_per_token_layer(arch, "none")
+    if recompute == "selective":
+        return 2 * (arch.hidden_size + 3 * arch.ffn_hidden_size)
+    return 0
 
 
 @dataclass(frozen=True)
@@ -75,11 +104,11 @@ def policy_memory(
     dp: int,
     micro_batch_tokens: int,
     padded_vocab: int,
-    recompute: bool,
+    recompute: str,
     sequence_parallel: bool = True,
     distributed_optimizer: bool = True,
     fused_logprob: bool = True,
-    logprob_chunk_tokens: int = 4096,
+    logprob_chunk_elems: int = 1 << 25,
 ) -> PolicyMemory:
     """Memory of one policy rank while it trains on micro-batches of `micro_batch_tokens` tokens."""
     per_stage = stage_params_per_rank(arch, tp, pp, padded_vocab)
@@ -87,22 +116,22 @@ def policy_memory(
     optimizer_per_param = 12 / dp if distributed_optimizer else 12
     layers = arch.num_layers // pp
     split = tp if sequence_parallel else 1
-    per_layer = activation_bytes_per_token_layer(arch) * micro_batch_tokens // split
-    if recompute:
-        checkpoints = 2 * arch.hidden_size * micro_batch_tokens // split * layers
-        one_stage_mb = checkpoints + per_layer
-    else:
-        one_stage_mb = per_layer * layers
+    per_layer = activation_bytes_per_token_layer(arch, recompute) * micro_batch_tokens // split
+    transient = recompute_transient_bytes_per_token(arch, recompute) * micro_batch_tokens // split
     in_flight = pp  # 1F1B: the first stage holds pp micro-batches before its first backward
     vocab_local = padded_vocab // tp
-    # fp32 [tokens, vocab/TP] logits plus their gradient when unfused; one chunk when fused.
-    logit_tokens = min(micro_batch_tokens, logprob_chunk_tokens) if fused_logprob else micro_batch_tokens
-    logits = 2 * 4 * logit_tokens * vocab_local
+    if fused_logprob:
+        # one fp32 chunk of logits and its bf16 gradient, the fp32 hidden-gradient accumulator
+        chunk = min(micro_batch_tokens * vocab_local, logprob_chunk_elems)
+        logits = (4 + 2) * chunk + 4 * micro_batch_tokens * arch.hidden_size
+    else:
+        logits = 2 * 4 * micro_batch_tokens * vocab_local  # fp32 [tokens, vocab/TP] and its gradient
+    logits += 2 * vocab_local * arch.hidden_size  # the output layer's bf16 weight gradient
     return PolicyMemory(
         params=params,
         weights=2 * params,
         grads=4 * params,
         optimizer=int(optimizer_per_param * params),
-        activations=one_stage_mb * in_flight,
+        activations=per_layer * layers * in_flight + transient,
         logits=logits,
     )

@@ -21,14 +21,13 @@ def describe_layout(layout: Layout) -> str:
             f"DP{layout.data_parallel} = {layout.world_size} trainer ranks"
             f" ({'sequence parallel, ' if layout.sequence_parallel else ''}"
             f"{'distributed optimizer, ' if layout.distributed_optimizer else ''}"
-            f"recompute {'on' if layout.recompute else 'off'}, {layout.micro_batch_tokens:,}-token "
+            f"recompute {layout.recompute}, {layout.micro_batch_tokens:,}-token "
             f"micro-batches); {layout.engines} SGLang engines x TP{layout.engine_tp}, "
             f"{layout.placement}, mem_fraction {layout.mem_fraction}; sync {layout.transport}")
 
 
 def _stage_lines(sp: StagePlan, layout: Layout) -> list[str]:
     st, p, e = sp.stage, sp.policy, sp.engine
-    rc_on, rc_off = (p, sp.policy_flipped) if layout.recompute else (sp.policy_flipped, p)
     lines = [
         f"{st.key}: steps {st.first_step}-{st.end_step}, {st.rollout_prompts} prompts x "
         f"{st.group_size} samples, {st.mini_batch_prompts} per optimizer step (N_SGD {st.sgd_steps}), "
@@ -38,8 +37,8 @@ def _stage_lines(sp: StagePlan, layout: Layout) -> list[str]:
         f"    gradients (fp32)               {_g(p.grads)}",
         f"    optimizer states               {_g(p.optimizer)}   (fp32 master + Adam moments"
         f"{', sharded over DP' if layout.distributed_optimizer else ''})",
-        f"    activations, recompute on      {_g(rc_on.activations)}",
-        f"    activations, recompute off     {_g(rc_off.activations)}",
+        *(f"    activations, recompute {mode:9s} {_g(act)}{'   (this layout)' if mode == layout.recompute else ''}"
+          for mode, act in sp.activations_by_mode.items()),
         f"    logits / loss (fused kernel)   {_g(p.logits)}",
         f"    training peak (+ overhead)     {_g(sp.train_peak)}",
         f"    SGLang weights                 {_g(e.weights)}",

@@ -7,7 +7,9 @@ Each phase is its FLOPs or bytes over a datasheet peak times an efficiency facto
     (causal attention over a sequence of L tokens attends L/2 tokens on average)
   logprob  = forward FLOPs of every token / (GPUs x peak x forward_mfu) x pipeline bubble
              + tensor-parallel all-gather/reduce-scatter bytes / NVLink
-  train    = (3, or 4 with recompute) x forward FLOPs / (GPUs x peak x train_mfu) x bubble
+  train    = (3 + recomputed share) x forward FLOPs / (GPUs x peak x train_mfu) x bubble, the
+             recomputed share being 0 (recompute none), the MLP's share of the forward FLOPs
+             (selective) or 1 (full)
              + TP bytes / NVLink + per optimizer step the distributed optimizer's
                reduce-scatter (fp32 grads) and all-gather (bf16 params) over NVLink or IB
   rollout  = prefill FLOPs + decode steps x max(weights + KV read, decode FLOPs) per step,
@@ -140,6 +142,16 @@ def sync_seconds(layout: Layout, gpu: GPU, eff: Efficiency, total_params: int) -
     return gather + shard / nvlink + remote
 
 
+def recomputed_share(arch: Qwen2Arch, recompute: str, matmul: int, attended: float) -> float:
+    """The fraction of a forward pass that activation recompute runs again in backward."""
+    if recompute == "full":
+        return 1.0
+    if recompute == "selective":
+        mlp = 2 * 3 * arch.hidden_size * arch.ffn_hidden_size * arch.num_layers
+        return mlp / forward_flops_per_token(arch, matmul, attended)
+    return 0.0
+
+
 def step_time(arch: Qwen2Arch, layout: Layout, stage: Stage, gpu: GPU, eff: Efficiency,
               workload: Workload, engine: EngineMemory, total_params: int,
               params_per_rank: int) -> StepTime:
@@ -155,7 +167,7 @@ def step_time(arch: Qwen2Arch, layout: Layout, stage: Stage, gpu: GPU, eff: Effi
 
     logprob = (forward / (cluster_peak * eff.forward_mfu) * _bubble(per_rank, mbt, pp)
                + _tp_seconds(arch, layout, tokens, 4, gpu, eff))
-    passes = 4 if layout.recompute else 3
+    passes = 3 + recomputed_share(arch, layout.recompute, matmul, (prompt + response) / 2)
     sgd = stage.sgd_steps
     dp_bytes = params_per_rank * (4 + 2) * (layout.data_parallel - 1) / max(layout.data_parallel, 1)
     train = (passes * forward / (cluster_peak * eff.train_mfu) * _bubble(per_rank / sgd, mbt, pp)

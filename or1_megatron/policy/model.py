@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import math
 from dataclasses import replace
 from typing import Any, Optional
@@ -32,10 +33,20 @@ from megatron.core.transformer.transformer_block import (
 from or1_megatron.config.schema import ModelConfig, ParallelConfig
 from or1_megatron.convert.hf_config import Qwen2Arch, padded_vocab_size
 from or1_megatron.policy.fused_ops import apply_rope, rms_norm, rope_cos_sin, swiglu
+from or1_megatron.policy.megatron_fixes import apply_megatron_fixes
 from or1_megatron.policy.packing import HostPackedSeqParams
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# model.recompute -> megatron's recompute options. Selective recomputes the norms and the MLP
+# (most of a layer's activations, a third of its FLOPs); recomputing the core attention would
+# save little: the varlen/flash attention already keeps only q, k, v, its output and the lse.
+RECOMPUTE_ARGS: dict[str, dict] = {
+    "none": {},
+    "selective": dict(recompute_granularity="selective", recompute_modules=["layernorm", "mlp"]),
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+}
 
 
 def use_transformer_engine(model_cfg: ModelConfig, device: torch.device) -> bool:
@@ -76,11 +87,7 @@ def transformer_config(
     """
     dtype = DTYPES[model_cfg.dtype]
     on_gpu = device.type == "cuda"
-    recompute = (
-        dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-        if model_cfg.recompute
-        else {}
-    )
+    recompute = RECOMPUTE_ARGS[model_cfg.recompute]
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -147,6 +154,12 @@ class Qwen2RMSNorm(torch.nn.Module):
 class SwiGLUMLP(MLP):
     """Megatron's MLP (same linear layers, parameters and TP sharding) with the fused SwiGLU,
     which saves only the gate/up projection for backward."""
+
+    # megatron's TransformerLayer logs "Unknown MLP type" for any MLP subclass (and then builds
+    # it with the default tensor-parallel group, which is the policy's): drop that one line.
+    @staticmethod
+    def quiet_unknown_mlp_warning(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type")
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         if per_token_scale is not None:
@@ -322,8 +335,11 @@ def build_policy_model(
     device: torch.device = torch.device("cpu"),
 ) -> PolicyGPTModel:
     """Build this rank's stage of the policy on `device` (random init unless `initialize=False`)."""
+    apply_megatron_fixes()
     use_te = use_transformer_engine(model_cfg, device)
     config = transformer_config(arch, model_cfg, parallel, initialize, device, use_te)
+    layer_logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    layer_logger.addFilter(SwiGLUMLP.quiet_unknown_mlp_warning)
     model = PolicyGPTModel(
         config=config,
         transformer_layer_spec=layer_spec(config, use_te, pp_rank),
