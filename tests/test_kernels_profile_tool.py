@@ -23,7 +23,7 @@ def test_profile_tool_prints_ratios_and_small_errors():
     assert any(line.startswith("naive peak_mem=") for line in lines)
     # the anchors are Triton-on-GPU kernels: on this CPU each is reported and skipped, not fatal
     assert "liger skipped: needs a CUDA device" in proc.stdout and "cce   skipped: needs a CUDA device" in proc.stdout
-    fractions = [float(m) for m in re.findall(r"roofline_fraction=([\d.]+)", proc.stdout)]
+    fractions = [float(m) for m in re.findall(r"roofline_fraction=([\d.e+-]+)", proc.stdout)]
     assert len(fractions) == 2 and all(0 < f < 1.5 for f in fractions), proc.stdout
     match = re.fullmatch(r"memory_ratio=([\d.]+) time_ratio=([\d.]+) max_err=([\d.e+-]+)", lines[-1])
     assert match, lines[-1]

@@ -33,10 +33,8 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -45,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from or1_megatron.kernels import fused_logprob_entropy, naive_logprob_entropy  # noqa: E402
 from or1_megatron.kernels.reference import max_abs_errors, oracle_outputs  # noqa: E402
+from or1_megatron.plan.measure import matmul_tflops, median_seconds  # noqa: E402
 from tools.kernel_anchors import ANCHORS, load_anchor  # noqa: E402
 
 PATHS = ("fused", "naive")
@@ -131,33 +130,6 @@ def _forward_backward(path: str, args: argparse.Namespace, inputs: dict, group) 
     return {"logprob": logprob.detach(), "entropy": entropy.detach(), "grad_hidden": grad_h, "grad_weight": grad_w}
 
 
-def matmul_peak_tflops(args: argparse.Namespace) -> float:
-    """Throughput of a large square matmul in the profiled dtype on the profiled device."""
-    n = 8192 if args.device == "cuda" else 1024
-    dtype = getattr(torch, args.dtype)
-    a = torch.randn(n, n, device=args.device).to(dtype)
-    b = torch.randn(n, n, device=args.device).to(dtype)
-    seconds = _median_seconds(lambda: torch.mm(a, b), args)
-    return 2 * n**3 / seconds / 1e12
-
-
-def _sync(args: argparse.Namespace) -> None:
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_seconds(fn, args: argparse.Namespace) -> float:
-    fn()  # warm-up: allocator, kernel compilation, thread pools
-    _sync(args)
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(args)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:
@@ -231,8 +203,8 @@ def profile_rank(rank: int, world_size: int, args: argparse.Namespace) -> dict:
         def forward():
             return _call(path, args, inputs, group)
 
-        entry["forward_s"] = _median_seconds(forward, args)
-        entry["forward_backward_s"] = _median_seconds(lambda: _forward_backward(path, args, inputs, group), args)
+        entry["forward_s"] = median_seconds(forward, torch.device(args.device), args.repeats)
+        entry["forward_backward_s"] = median_seconds(lambda: _forward_backward(path, args, inputs, group), torch.device(args.device), args.repeats)
         result = _forward_backward(path, args, inputs, group)
         entry["errors"] = max_abs_errors(result, oracle, inputs["shard"])
         report[path] = entry
@@ -273,10 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     _load_anchors(args)
     torch.set_num_threads(args.threads)
-    peak_tflops = args.peak_tflops or matmul_peak_tflops(args)
+    peak_tflops = args.peak_tflops or matmul_tflops(torch.device(args.device), getattr(torch, args.dtype))
     roofline_ms = 1e3 * 6 * args.tokens * args.hidden * (args.vocab // args.tp) / (peak_tflops * 1e12)
     print(f"roofline: 6*T*H*V_local FLOPs at {peak_tflops:.1f} TFLOP/s "
-          f"({'given' if args.peak_tflops else 'measured here'}) = {roofline_ms:.2f}ms", flush=True)
+          f"({'given' if args.peak_tflops else 'measured here'}) = {roofline_ms:.3g}ms", flush=True)
     per_rank = _run_on_ranks(profile_rank, args)
     summary = {}
     for path in (*PATHS, *args.anchors):
@@ -298,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{path:5s} peak_mem={s['peak_mib']:.1f}MiB forward={s['forward_ms']:.1f}ms "
             f"forward+backward={s['forward_backward_ms']:.1f}ms "
-            f"roofline_fraction={roofline_ms / s['forward_backward_ms']:.3f} max_err={s['max_err']:.3e} "
+            f"roofline_fraction={roofline_ms / s['forward_backward_ms']:.3g} max_err={s['max_err']:.3e} "
             f"errors={json.dumps({k: float(f'{v:.3e}') for k, v in errors.items()})}",
             flush=True,
         )

@@ -1,5 +1,9 @@
 """Measured counterparts of the planner's memory figures.
 
+It also measures the matmul peak that MFU figures are divided by (`matmul_tflops`), on the
+device and in the dtype at hand, so a ratio printed by a benchmark is against a number measured
+in the same run.
+
 The planner predicts what a layer keeps for backward from its shapes (`plan.memory`); this module
 measures it on a real forward, on any device: the bytes of the distinct storages autograd saves,
 parameters excluded, as they stand when the forward returns. Views of one buffer count once,
@@ -9,6 +13,8 @@ both beside the GPU's peak memory.
 """
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -34,3 +40,29 @@ def saved_activation_bytes(
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
         result = fn(*args, **kwargs)
     return result, sum(storage.nbytes() for storage in seen.values())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], Any], device: torch.device, repeats: int = 3) -> float:
+    """Median wall time of ``fn`` over ``repeats`` calls after one warm-up, synchronising CUDA."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | None = None, repeats: int = 3) -> float:
+    """Throughput of a square ``size``-sized matmul (8192 on CUDA, 1024 elsewhere), TFLOP/s."""
+    n = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return 2 * n**3 / median_seconds(lambda: torch.mm(a, b), device, repeats) / 1e12

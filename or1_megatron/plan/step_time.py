@@ -73,7 +73,11 @@ class StepTime:
 
 
 def matmul_params(arch: Qwen2Arch, total_params: int, padded_vocab: int) -> int:
-    """Parameters that take part in matmuls: all but the input embedding (a lookup)."""
+    """Parameters that take part in matmuls: all but the input embedding (a lookup). With tied
+    embeddings the one [vocab, hidden] matrix is counted once in `total_params` and is the output
+    layer's matmul, so nothing is taken off."""
+    if arch.tie_word_embeddings:
+        return total_params
     return total_params - padded_vocab * arch.hidden_size
 
 
