@@ -111,18 +111,10 @@ def sequences(args: argparse.Namespace, vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (args.sequence_length,), generator=g).tolist() for _ in range(count)]
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
 def rank_bench(rank: int, world: int, hf_dir: str, args: argparse.Namespace) -> dict:
     """Build the policy on this rank and time its train steps (CPU figures only leave the rank)."""
     from or1_megatron.config import load_config
-    from or1_megatron.plan.measure import matmul_tflops
+    from or1_megatron.plan.measure import matmul_tflops, reset_peak_rss, status_kib
     from or1_megatron.policy.worker import PolicyWorker
 
     longest = args.sequence_length
@@ -152,14 +144,13 @@ def rank_bench(rank: int, world: int, hf_dir: str, args: argparse.Namespace) -> 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
+        reset_peak_rss()
     times = [step() for _ in range(args.steps)]
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
         reserved = torch.cuda.max_memory_reserved(device)
     else:
-        peak = reserved = _status_kib("VmHWM") * 1024
+        peak = reserved = status_kib("VmHWM") * 1024
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     return {"step_s": statistics.median(times), "peak": peak, "reserved": reserved,
             "peak_tflops": args.peak_tflops or matmul_tflops(device, dtype),

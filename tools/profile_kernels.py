@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from or1_megatron.kernels import fused_logprob_entropy, naive_logprob_entropy  # noqa: E402
 from or1_megatron.kernels.reference import max_abs_errors, oracle_outputs  # noqa: E402
-from or1_megatron.plan.measure import matmul_tflops, median_seconds  # noqa: E402
+from or1_megatron.plan.measure import matmul_tflops, median_seconds, reset_peak_rss, status_kib  # noqa: E402
 from tools.kernel_anchors import ANCHORS, load_anchor  # noqa: E402
 
 PATHS = ("fused", "naive")
@@ -130,14 +130,6 @@ def _forward_backward(path: str, args: argparse.Namespace, inputs: dict, group) 
     return {"logprob": logprob.detach(), "entropy": entropy.detach(), "grad_hidden": grad_h, "grad_weight": grad_w}
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
 def measure_peak_bytes(path: str, args: argparse.Namespace, inputs: dict, group) -> int:
     """Peak memory of one forward+backward above what the inputs already hold."""
     gc.collect()
@@ -150,11 +142,10 @@ def measure_peak_bytes(path: str, args: argparse.Namespace, inputs: dict, group)
         peak = torch.cuda.max_memory_allocated() - base
         del out
         return peak
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # reset VmHWM to the current resident set
-    base = _status_kib("VmRSS")
+    reset_peak_rss()
+    base = status_kib("VmRSS")
     out = _forward_backward(path, args, inputs, group)
-    peak = _status_kib("VmHWM") - base
+    peak = status_kib("VmHWM") - base
     del out
     return peak * 1024
 

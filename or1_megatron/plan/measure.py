@@ -66,3 +66,18 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | None = N
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     return 2 * n**3 / median_seconds(lambda: torch.mm(a, b), device, repeats) / 1e12
+
+
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` figure in KiB (``VmRSS``, ``VmHWM``: the CPU's memory measures)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's resident-set high-water mark (VmHWM) to its current resident set."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
