@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from or1_megatron.distributed.fork_launcher import run_forked
 from or1_megatron.plan.measure import saved_activation_bytes
 from or1_megatron.policy.fused_ops import apply_rope, rms_norm, rope_cos_sin, swiglu
 from or1_megatron.policy.packing import pack
@@ -84,14 +85,14 @@ def test_norm_and_gate_keep_only_their_inputs_for_backward():
     assert _saved_bytes(plain_swiglu, y) > 2 * tokens * 2 * ffn
 
 
-def test_per_token_rope_equals_megatrons_packed_rope():
+def rank_rope_against_megatron(rank, world):
+    """In a forked rank: megatron's rotary module needs the CPU patches, which belong to ranks."""
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_thd
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     from or1_megatron.policy.cpu_compat import apply_cpu_patches
 
-    apply_cpu_patches()  # megatron's rotary module asks for the current CUDA device
-
+    apply_cpu_patches()
     head_dim, heads, theta = 16, 3, 1e6
     mb = pack([list(range(n)) for n in (5, 11, 1, 7)], [0, 1, 2, 3], pad_to_multiple=8)
     x = torch.randn(mb.num_tokens, heads, head_dim, generator=torch.Generator().manual_seed(2))
@@ -101,15 +102,17 @@ def test_per_token_rope_equals_megatrons_packed_rope():
                             use_cpu_initialization=True)(max(mb.seq_lengths) + 8, packed_seq=True)
     no_context_parallel = SimpleNamespace(size=lambda: 1, rank=lambda: 0)
     theirs = _apply_rotary_pos_emb_thd(x, mb.cu_seqlens, freqs, cp_group=no_context_parallel)
+    return x, ours, theirs, list(mb.host_bounds[:-1])
+
+
+def test_per_token_rope_equals_megatrons_packed_rope():
+    x, ours, theirs, starts = run_forked(rank_rope_against_megatron, 1, timeout_s=120)[0]
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-    # position 0 of every sequence is not rotated
-    starts = list(mb.host_bounds[:-1])
-    torch.testing.assert_close(ours[starts], x[starts])
+    torch.testing.assert_close(ours[starts], x[starts])  # position 0 of every sequence is not rotated
 
 
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
-                    reason="torch.compile's CPU backend needs a C++ compiler")
-def test_compiled_bodies_give_the_eager_results():
+def rank_compiled_against_eager(rank, world):
+    """In a forked rank: torch.compile's state (dynamo, inductor) stays out of the test process."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(21, 1, 32, generator=g)
     weight = 1 + 0.1 * torch.randn(32, generator=g)
@@ -118,11 +121,20 @@ def test_compiled_bodies_give_the_eager_results():
     cases = {
         "rms_norm": (lambda a, w, **kw: rms_norm(a, w, 1e-6, **kw), (x, weight)),
         "swiglu": (lambda a, **kw: swiglu(a, **kw), (y,)),
-        "rope": (lambda a, **kw: apply_rope(a[:, 0].reshape(21, 1, 32), cos, sin, **kw), (x,)),
+        "rope": (lambda a, **kw: apply_rope(a.reshape(21, 1, 32), cos, sin, **kw), (x,)),
     }
+    out = {}
     for name, (fn, inputs) in cases.items():
         upstream = torch.randn_like(fn(*inputs))
         eager = _grads(fn, inputs, upstream)
         compiled = _grads(lambda *a, fn=fn: fn(*a, force_compile=True), inputs, upstream)
+        out[name] = (compiled, eager)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compiled_bodies_give_the_eager_results():
+    for name, (compiled, eager) in run_forked(rank_compiled_against_eager, 1, timeout_s=300)[0].items():
         for a, b in zip(compiled, eager, strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)

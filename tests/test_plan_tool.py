@@ -178,3 +178,24 @@ def _layout(tp: int) -> Layout:
                   sequence_parallel=tp > 1, distributed_optimizer=True, recompute="full",
                   micro_batch_tokens=4096, placement="colocated", engines=1, engine_tp=1,
                   mem_fraction=0.5, transport="colocated")
+
+
+def test_train_mfu_comes_from_a_measurement_on_that_gpu_else_is_called_an_assumption():
+    from or1_megatron.plan.calibration import MEASURED
+    from or1_megatron.plan.command import calibrated_efficiency
+
+    largest_on_h200 = max((m for m in MEASURED if m.gpu == "h200-141gb"), key=lambda m: m.params)
+    eff, note = calibrated_efficiency("h200-141gb", [])
+    assert eff.train_mfu == largest_on_h200.mfu
+    assert note.startswith("train_mfu measured by tools/bench_policy.py: qwen2.5-1.5b on h200-141gb")
+    eff, note = calibrated_efficiency("h100-80gb", [])
+    assert eff.train_mfu == Efficiency().train_mfu and "is an assumption: nothing measured on h100-80gb" in note
+    eff, note = calibrated_efficiency("h200-141gb", ["train_mfu=0.3"])
+    assert eff.train_mfu == 0.3 and note == "train_mfu given on the command line"
+
+
+def test_the_plan_prints_where_train_mfu_came_from(capsys):
+    code, out = _run(capsys, ["--config", str(REPO / "configs" / "or1_7b.yaml"), "--nodes", "4",
+                              "--gpu", "h200-141gb", f"model.hf_path={MODEL_7B}"])
+    assert "note: train_mfu measured by tools/bench_policy.py: qwen2.5-1.5b on h200-141gb" in out
+    assert "train_mfu=0.131," in out

@@ -86,6 +86,17 @@ def rank_train_step(rank, world, hf_dir, tp, pp, sp):
     return metrics, hf_weights(worker)
 
 
+def rank_train_step_fused_adam(rank, world, hf_dir):
+    from or1_megatron.policy.worker import use_fused_torch_adam
+
+    worker = PolicyWorker(policy_config(hf_dir))
+    switched = use_fused_torch_adam(worker.optimizer)  # what a CUDA rank does at start-up
+    groups = [g for o in getattr(worker.optimizer, "chained_optimizers", [worker.optimizer])
+              for g in o.optimizer.param_groups]
+    metrics = worker.train_step(SEQUENCES, sft_loss)
+    return switched, [(g["fused"], g["foreach"]) for g in groups], metrics, hf_weights(worker)
+
+
 def rank_save_after_step(rank, world, hf_dir, ckpt_dir):
     worker = PolicyWorker(policy_config(hf_dir, 2, 1, world))
     worker.train_step(SEQUENCES, sft_loss)
@@ -150,6 +161,16 @@ def test_train_step_equals_single_process(hf_dir, single_process_step, layout):
         torch.testing.assert_close(weights[name], ref, atol=1e-6, rtol=1e-6, msg=name)
     moved = max((ref_weights[n] - initial[n]).abs().max().item() for n in initial)
     assert moved > 1e-4  # the step really changed the weights
+
+
+def test_fused_adam_on_gpu_ranks_updates_like_the_default(hf_dir, single_process_step):
+    ref_metrics, ref_weights, initial = single_process_step
+    switched, flags, metrics, weights = run_forked(rank_train_step_fused_adam, 1, hf_dir)[0]
+    assert switched >= 1 and flags and all(flag == (True, False) for flag in flags)
+    assert metrics["loss"] == pytest.approx(ref_metrics["loss"], abs=1e-6)
+    for name, ref in ref_weights.items():
+        torch.testing.assert_close(weights[name], ref, atol=1e-6, rtol=1e-6, msg=name)
+    assert max((weights[n] - initial[n]).abs().max().item() for n in initial) > 1e-4
 
 
 def test_checkpoint_saved_at_tp2_resumes_at_other_layouts(hf_dir, oracle, tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from or1_megatron.config.loader import load_config
 from or1_megatron.config.schema import OR1Config
@@ -20,6 +21,7 @@ from or1_megatron.config.stages import resolve_stages
 from or1_megatron.convert.hf_config import load_arch
 from or1_megatron.errors import OR1Error
 from or1_megatron.plan.fit import Plan, evaluate, suggest
+from or1_megatron.plan.calibration import measured_train_mfu
 from or1_megatron.plan.hardware import GPUS, GPU, Efficiency
 from or1_megatron.plan.layout import Layout
 from or1_megatron.plan.report import render
@@ -38,6 +40,23 @@ def scale_to_nodes(cfg: OR1Config, gpu: GPU, nodes: int, overrides: list[str]) -
     if "rollout.engines" not in given and cfg.rollout.engines * cfg.rollout.engine_tp != gpus:
         extra.append(f"rollout.engines={max(1, gpus // cfg.rollout.engine_tp)}")
     return extra
+
+
+def calibrated_efficiency(gpu: str, overrides: list[str]) -> tuple[Efficiency, str]:
+    """The efficiency factors with train_mfu measured on `gpu` where a measurement exists (unless
+    --efficiency sets it), and a note saying where train_mfu came from."""
+    eff = Efficiency()
+    given = any(item.partition("=")[0] == "train_mfu" for item in overrides)
+    measured = measured_train_mfu(gpu)
+    if given:
+        note = "train_mfu given on the command line"
+    elif measured is not None:
+        eff = replace(eff, train_mfu=measured.mfu)
+        note = f"train_mfu measured by tools/bench_policy.py: {measured.describe()}"
+    else:
+        note = (f"train_mfu={eff.train_mfu:g} is an assumption: nothing measured on {gpu} yet "
+                "(tools/bench_policy.py measures it; pass --efficiency train_mfu=...)")
+    return eff.with_overrides(overrides), note
 
 
 def build_plan(config_path: str, overrides: list[str], gpu: GPU, nodes: int, eff: Efficiency,
@@ -72,12 +91,12 @@ def main(argv: list[str]) -> int:
                         help="mean response length as a fraction of the stage's max_response_length")
     parser.add_argument("--efficiency", action="append", default=[], metavar="NAME=VALUE",
                         help="override an efficiency factor (repeatable), e.g. train_mfu=0.3")
-    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.recompute=false")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.recompute=selective")
     args = parser.parse_intermixed_args(argv)
     if args.nodes < 1 or args.mean_prompt_tokens < 1 or not 0 < args.response_fill <= 1:
         parser.error("--nodes and --mean-prompt-tokens must be >= 1 and --response-fill in (0, 1]")
     try:
-        eff = Efficiency().with_overrides(args.efficiency)
+        eff, mfu_note = calibrated_efficiency(args.gpu, args.efficiency)
     except ValueError as exc:
         parser.error(str(exc))
     workload = Workload(args.mean_prompt_tokens, args.response_fill)
@@ -87,5 +106,5 @@ def main(argv: list[str]) -> int:
     except OR1Error as exc:
         print(f"plan: error: {exc}", file=sys.stderr)
         return 2
-    print(render(plan, eff, workload, suggestion, notes))
+    print(render(plan, eff, workload, suggestion, [mfu_note, *notes]))
     return 0 if plan.fits else 1

@@ -47,6 +47,25 @@ class SequenceLogprobs:
     entropy: torch.Tensor
 
 
+def use_fused_torch_adam(optimizer) -> int:
+    """Switch megatron's torch AdamW (its choice without transformer-engine or apex) to torch's
+    fused kernel; returns how many torch optimizers were switched.
+
+    torch defaults to its foreach kernels on CUDA, which allocate an fp32 temporary the size of
+    every parameter at each step (5.7 GiB at 1.5B parameters): a peak of its own after backward.
+    The fused kernel updates in place, in one launch per tensor list. TE's and apex's FusedAdam
+    are left alone.
+    """
+    switched = 0
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(wrapper, "optimizer", None)
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            for group in inner.param_groups:
+                group["foreach"], group["fused"] = False, True
+            switched += 1
+    return switched
+
+
 class PolicyWorker:
     """The policy on one rank: build, load, score, train, checkpoint."""
 
@@ -82,6 +101,8 @@ class PolicyWorker:
         )
         model.config.finalize_model_grads_func = finalize_model_grads
         self.optimizer = get_megatron_optimizer(self._optimizer_config(), [self.model])
+        if self.device.type == "cuda":
+            use_fused_torch_adam(self.optimizer)
         self.scheduler = self._scheduler(config.optim.lr, config.optim.warmup_steps)
         self.steps_done = 0
         if config.model.megatron_checkpoint:
