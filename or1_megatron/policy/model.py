@@ -271,6 +271,9 @@ def varlen_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch
         kwargs.pop("scale")
         query = query * (scale * math.sqrt(query.shape[-1]))  # the kernel's default 1/sqrt(d)
     cu = cu_seqlens.to(torch.int32)
+    # v is a view into the fused q/k/v projection (q and k are fresh from RoPE): flash kernels
+    # take dense [t, heads, d] tensors.
+    query, key, value = (t if t.is_contiguous() else t.contiguous() for t in (query, key, value))
     return varlen_attn(query, key, value, cu, cu, max_seqlen, max_seqlen, **kwargs)
 
 

@@ -62,6 +62,10 @@ def use_fused_torch_adam(optimizer) -> int:
         if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             for group in inner.param_groups:
                 group["foreach"], group["fused"] = False, True
+                for param in group["params"]:
+                    state = inner.state.get(param, {})
+                    if "step" in state:  # the fused kernel reads the step count on the param's device
+                        state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=param.device)
             switched += 1
     return switched
 
@@ -305,6 +309,8 @@ class PolicyWorker:
         self.steps_done = state.steps_done
         if with_optimizer:
             self._apply_configured_lr(directory)
+            if self.device.type == "cuda":  # the loaded param groups and step counts, too
+                use_fused_torch_adam(self.optimizer)
         return extra
 
     def _apply_configured_lr(self, directory: str | Path) -> None:
