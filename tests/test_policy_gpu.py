@@ -71,3 +71,28 @@ def test_te_spec_matches_local_spec_in_bf16(tmp_path, tp):
     assert te_names == local_names
     for te, local in zip(te_scores, local_scores, strict=True):
         torch.testing.assert_close(te, local, atol=TOLERANCE["bf16"], rtol=0)
+
+
+def rank_recompute_step(rank, world, hf_dir, recompute):
+    from or1_megatron.policy.worker import PolicyWorker
+
+    worker = PolicyWorker(policy_config(hf_dir, **{"model.layer_spec": "local", "model.dtype": "fp32",
+                                                   "model.recompute": recompute}))
+
+    def nll(logprob, entropy, mb):
+        return -(logprob * mb.target_mask).sum() / 29, {"tokens": mb.target_mask.sum()}
+
+    first = worker.train_step(SEQUENCES, nll)  # torch.compile'd norms/SwiGLU/RoPE, fused AdamW
+    second = worker.train_step(SEQUENCES, nll)
+    return first, second
+
+
+def test_recompute_modes_train_alike_on_a_gpu(tmp_path):
+    _needs(1)
+    hf_dir = make_tiny_qwen2(tmp_path / "hf")
+    runs = {mode: run_forked(rank_recompute_step, 1, hf_dir, mode, backend="nccl", timeout_s=600)[0]
+            for mode in ("none", "selective", "full")}
+    for mode in ("selective", "full"):
+        for got, want in zip(runs[mode], runs["none"], strict=True):
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-4), mode
+            assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), mode
