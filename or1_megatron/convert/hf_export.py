@@ -20,6 +20,7 @@ import torch
 from or1_megatron.convert.hf_config import Qwen2Arch
 from or1_megatron.convert.qwen2 import Qwen2Mapping, check_names
 from or1_megatron.convert.safetensors_io import INDEX_NAME
+from or1_megatron.policy.checkpoint_meta import replace_directory
 
 # Files of an HF checkpoint that are not weights but belong with them.
 CARRIED_FILES = (
@@ -129,18 +130,5 @@ def assemble_hf_checkpoint(files: list[dict[str, Any]], staging: Path, out: Path
         for name in CARRIED_FILES:
             if name != "config.json" and (carried / name).is_file():
                 shutil.copy2(carried / name, staging / name)
-    _replace(staging, out)
+    replace_directory(staging, out)
     return {"shards": total, "tensors": len(weight_map), "bytes": total_bytes}
-
-
-def _replace(staging: Path, out: Path) -> None:
-    """Rename `staging` to `out`; an existing `out` is moved aside first and removed after, so
-    there is never a moment without a complete directory under that name's fallback."""
-    if out.exists() and not any(out.iterdir()):
-        out.rmdir()
-    previous = out.with_name(out.name + ".previous")
-    if out.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        out.rename(previous)
-    staging.rename(out)
-    shutil.rmtree(previous, ignore_errors=True)

@@ -23,7 +23,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from or1_megatron.convert.hf_config import Qwen2Arch
 from or1_megatron.convert.hf_export import HF_SUBDIR, carry_hf_files
 from or1_megatron.errors import CheckpointError
-from or1_megatron.policy.checkpoint_meta import META_NAME, previous_dir, read_metadata, resolve_checkpoint_dir
+from or1_megatron.policy.checkpoint_meta import META_NAME, read_metadata, replace_directory, resolve_checkpoint_dir
 
 FORMAT_VERSION = 1
 # The distributed optimizer's canonical per-parameter format: loadable at any TP/PP/DP.
@@ -99,14 +99,8 @@ def save_checkpoint(state: PolicyState, directory: str | Path, extra_state: dict
         if carried_from:
             carry_hf_files(carried_from, staging / HF_SUBDIR)
         (staging / META_NAME).write_text(json.dumps(meta, indent=2))
-        # Never a moment without a complete checkpoint on disk: the old one is moved aside,
-        # not deleted, until the new one has its name (a crash in between leaves `.previous`).
-        previous = previous_dir(final)
-        if final.exists():
-            shutil.rmtree(previous, ignore_errors=True)
-            final.rename(previous)
-        staging.rename(final)
-        shutil.rmtree(previous, ignore_errors=True)
+        # Never a moment without a complete checkpoint on disk (a crash leaves `.previous`).
+        replace_directory(staging, final)
     torch.distributed.barrier()
     return final
 

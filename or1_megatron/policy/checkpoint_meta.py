@@ -6,6 +6,7 @@ megatron; `policy.checkpoint` writes what this module reads.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,20 @@ META_NAME = "or1_checkpoint.json"
 def previous_dir(final: Path) -> Path:
     """Where a save moves the checkpoint it replaces until the new one has its name."""
     return final.with_name(final.name + ".previous")
+
+
+def replace_directory(staging: Path, final: Path) -> None:
+    """Give the complete directory `staging` the name `final`. An existing `final` is moved to
+    `previous_dir(final)` first and removed only after the rename, so there is never a moment
+    without a complete directory under one of the two names (`resolve_checkpoint_dir` finds it)."""
+    if final.exists() and not any(final.iterdir()):
+        final.rmdir()
+    previous = previous_dir(final)
+    if final.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        final.rename(previous)
+    staging.rename(final)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def resolve_checkpoint_dir(directory: str | Path) -> Path:
