@@ -6,6 +6,7 @@ import pytest
 from or1_megatron.data.decontamination import decontaminate
 from or1_megatron.data.filters import (
     SolveTracker, filter_by_model_difficulty, filter_by_pass_rate, load_pass_rates, online_filter,
+    training_filters,
 )
 from or1_megatron.data.loaders import load_problems
 from or1_megatron.data.records import DataError, ProblemRecord
@@ -40,6 +41,33 @@ def test_pass_rate_file(tmp_path):
     path.write_text(json.dumps({"uid": "a", "solved": 9, "samples": 8}) + "\n")
     with pytest.raises(DataError, match=r"rates\.jsonl: row 0: solved=9"):
         load_pass_rates(path)
+
+
+class _CharTokenizer:
+    """A bare chat template and one token per character: a prompt's length is its text's."""
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "".join(m["content"] for m in messages)
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(text)}
+
+
+def test_training_filters_apply_the_configured_ones_in_the_trainers_order(tmp_path):
+    records = [_record("a", difficulty=0), _record("bb", difficulty=3), _record("ccc", difficulty=5),
+               _record("dddd", difficulty=7)]
+    rates = tmp_path / "rates.jsonl"
+    rates.write_text("\n".join(json.dumps({"uid": u, "solved": s, "samples": 8})
+                               for u, s in [("a", 4), ("bb", 8), ("ccc", 2), ("dddd", 1)]) + "\n")
+    kept, applied = training_filters(records, model=MODEL, pass_rates=rates, tokenizer=_CharTokenizer(),
+                                     max_prompt_length=3)
+    assert [r.uid for r in kept] == ["ccc"]
+    assert [name for name, _ in applied] == [
+        f"offline, model_difficulty[{MODEL}] solved neither 0 nor N", f"offline, pass rates of {rates}",
+        "prompt length <= 3 tokens"]
+    assert [(len(r.kept), r.total) for _, r in applied] == [(3, 4), (2, 3), (1, 2)]
+    # nothing configured: nothing applied, nothing dropped
+    assert training_filters(records) == (records, [])
 
 
 def test_online_filter_drops_prompts_solved_in_every_sample():

@@ -15,9 +15,7 @@ from typing import Any, Callable, Optional
 
 from or1_megatron.config.schema import OR1Config
 from or1_megatron.data import arithmetic
-from or1_megatron.data.filters import (
-    filter_by_model_difficulty, filter_by_pass_rate, filter_prompt_length, load_pass_rates,
-)
+from or1_megatron.data.filters import training_filters
 from or1_megatron.data.records import DataError, ProblemRecord
 from or1_megatron.eval.sampling import load_records
 
@@ -74,12 +72,10 @@ def load_training_data(config: OR1Config, tokenizer: Any) -> TrainingData:
         return TrainingData(train, heldout, arithmetic.reference_response)
     if not d.train_files:
         raise DataError("<config>", None, "data.train_files is empty and data.arithmetic is off")
-    train = load_records(d.train_files, d.format, d.on_error)
-    if d.offline_filter_model:
-        train = filter_by_model_difficulty(train, d.offline_filter_model).kept
-    if d.offline_filter_pass_rates:
-        train = filter_by_pass_rate(train, load_pass_rates(d.offline_filter_pass_rates)).kept
-    train = filter_prompt_length(train, tokenizer, config.batch.max_prompt_length).kept
+    train, _ = training_filters(
+        load_records(d.train_files, d.format, d.on_error), model=d.offline_filter_model,
+        pass_rates=d.offline_filter_pass_rates, tokenizer=tokenizer,
+        max_prompt_length=config.batch.max_prompt_length)
     heldout = load_records(d.eval_files, d.format, d.on_error) if d.eval_files else []
     if d.eval_max_problems:
         heldout = heldout[:d.eval_max_problems]

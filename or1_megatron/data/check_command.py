@@ -19,10 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from or1_megatron.data.filters import (
-    OFFLINE_SAMPLES, FilterResult, filter_by_model_difficulty, filter_by_pass_rate,
-    filter_prompt_length, load_pass_rates, prompt_tokens,
-)
+from or1_megatron.data.filters import OFFLINE_SAMPLES, FilterResult, prompt_tokens, training_filters
 from or1_megatron.data.loaders import load_problems
 from or1_megatron.data.records import DataError, ProblemRecord, SkipCounter
 from or1_megatron.errors import OR1Error
@@ -137,19 +134,9 @@ def report(paths: Sequence[str], fmt: str = "auto", model: str = "", tokenizer_d
     else:
         lines += ["", "prompt tokens: not measured (give --tokenizer, or --config with model.hf_path)"]
     lines += ["", "filters, in the trainer's order:"]
-    kept = records
-    if model:
-        result = filter_by_model_difficulty(kept, model)
-        lines.append(_filter_line(f"offline, model_difficulty[{model}] solved neither 0 nor N", result))
-        kept = result.kept
-    if pass_rates:
-        result = filter_by_pass_rate(kept, load_pass_rates(pass_rates))
-        lines.append(_filter_line(f"offline, pass rates of {pass_rates}", result))
-        kept = result.kept
-    if tokenizer is not None and max_prompt_length is not None:
-        result = filter_prompt_length(kept, tokenizer, max_prompt_length, lengths)
-        lines.append(_filter_line(f"prompt length <= {max_prompt_length} tokens", result))
-        kept = result.kept
+    kept, applied = training_filters(records, model=model, pass_rates=pass_rates, tokenizer=tokenizer,
+                                     max_prompt_length=max_prompt_length, lengths=lengths)
+    lines += [_filter_line(name, result) for name, result in applied]
     abilities = collections.Counter(r.ability for r in kept)
     lines.append(f"would remain: {len(kept)} prompts ("
                  + ", ".join(f"{n} {a}" for a, n in sorted(abilities.items())) + ")")

@@ -144,6 +144,35 @@ def filter_by_pass_rate(records: Sequence[ProblemRecord],
     return result
 
 
+def training_filters(
+    records: Sequence[ProblemRecord],
+    *,
+    model: str = "",
+    pass_rates: str | Path = "",
+    tokenizer: Any = None,
+    max_prompt_length: int | None = None,
+    lengths: dict[str, int] | None = None,
+) -> tuple[list[ProblemRecord], list[tuple[str, FilterResult]]]:
+    """The trainer's filters before the first step, in its order, each where configured:
+    offline difficulty from `model_difficulty[model]`, offline pass rates from the `pass_rates`
+    file, then prompt length under `tokenizer` (needs `max_prompt_length`). Returns what remains
+    and every applied filter's (description, result); `or1 train` and `or1 data check` both
+    call this, so the check reports exactly what a run keeps."""
+    kept, applied = list(records), []
+    if model:
+        applied.append((f"offline, model_difficulty[{model}] solved neither 0 nor N",
+                        filter_by_model_difficulty(kept, model)))
+        kept = applied[-1][1].kept
+    if pass_rates:
+        applied.append((f"offline, pass rates of {pass_rates}", filter_by_pass_rate(kept, load_pass_rates(pass_rates))))
+        kept = applied[-1][1].kept
+    if tokenizer is not None and max_prompt_length is not None:
+        applied.append((f"prompt length <= {max_prompt_length} tokens",
+                        filter_prompt_length(kept, tokenizer, max_prompt_length, lengths)))
+        kept = applied[-1][1].kept
+    return kept, applied
+
+
 class SolveTracker:
     """Rewards per prompt during a stage, for the online filter applied before the next stage."""
 
