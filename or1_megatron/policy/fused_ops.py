@@ -8,23 +8,31 @@ from the packed batch's position ids, so packed sequences need no per-sequence l
 device-to-host copy of the boundaries in any layer.
 
 On CUDA the elementwise bodies run torch.compile'd (one fused kernel each, no new compiled
-dependency); elsewhere, or with ``set_compile(False)``, they run as plain torch, which is the
-reference the tests compare the compiled versions against.
+dependency); elsewhere they run as plain torch, which is the reference the tests compare the
+compiled versions against. ``OR1_COMPILE`` / `set_compile` change that: "never" (eager
+everywhere, for debugging) or "always" (compiled on CPU too, as a test runs a train step).
 """
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-_COMPILE = {"enabled": True}
+COMPILE_MODES = ("cuda", "always", "never")
+# OR1_COMPILE=never runs every body eagerly (debugging); "always" compiles on CPU too (tests).
+_COMPILE = {"mode": os.environ.get("OR1_COMPILE", "cuda")}
+if _COMPILE["mode"] not in COMPILE_MODES:
+    raise ValueError(f"OR1_COMPILE={_COMPILE['mode']!r}: must be one of {', '.join(COMPILE_MODES)}")
 
 
-def set_compile(enabled: bool) -> None:
-    """Compile the elementwise bodies on CUDA (the default) or run them eagerly everywhere."""
-    _COMPILE["enabled"] = bool(enabled)
+def set_compile(mode: str) -> None:
+    """Where the elementwise bodies run torch.compile'd: "cuda" (the default), "always", "never"."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    _COMPILE["mode"] = mode
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,7 +46,8 @@ def _compiled(fn: Callable) -> Callable:
 
 
 def _body(fn: Callable, device: torch.device, force_compile: bool = False) -> Callable:
-    if force_compile or (_COMPILE["enabled"] and device.type == "cuda"):
+    mode = _COMPILE["mode"]
+    if force_compile or mode == "always" or (mode == "cuda" and device.type == "cuda"):
         return _compiled(fn)
     return fn
 
