@@ -25,10 +25,12 @@ def test_bench_prints_throughput_mfu_and_the_planner_prediction(tmp_path):
     out = proc.stdout
     assert "2 x 128 tokens in sequences of 64; recompute full; fp32 on cpu" in out
     assert "predicted by the planner (GiB): weights (bf16)" in out
+    assert re.search(r"activations of one micro-batch's forward: measured [\d.e+-]+ GiB", out)
     result = dict(item.split("=", 1) for item in out.strip().splitlines()[-1].split()[1:])
     assert result["tokens"] == "256" and result["recompute"] == "full"
     assert float(result["tokens_per_s"]) > 0 and 0 < float(result["mfu"]) < 1.5
     assert float(result["predicted_gib"]) > 0 and float(result["peak_gib"]) > 0
+    assert "activations_gib" in result and "predicted_activations_gib" in result
     assert re.search(r"MFU [\d.]+: 3 x [\d.e+-]+ GFLOP/token x 256 tokens", out)
 
 

@@ -25,6 +25,8 @@ Printed, with the formulas:
                   (--peak-tflops to give one).
   peak memory   = torch.cuda.max_memory_allocated over the timed steps (CUDA); on CPU the
                   process's resident high-water mark (not comparable with the planner's figure)
+  activations   = the bytes one micro-batch's forward saves for backward (plan.measure), beside
+                  the planner's per-layer figure times the layers
   predicted     = `or1 plan`'s policy memory for this shape and layout (weights, gradients,
                   optimizer, activations, fused-kernel buffers; without its fixed overhead), and
                   the train_mfu its step times assume, beside the measured one
@@ -49,7 +51,9 @@ sys.path.insert(0, str(REPO))
 from or1_megatron.config.schema import RECOMPUTE_MODES  # noqa: E402
 from or1_megatron.convert.hf_config import load_arch, padded_vocab_size  # noqa: E402
 from or1_megatron.plan.hardware import Efficiency  # noqa: E402
-from or1_megatron.plan.memory import GIB, policy_memory, stage_params_per_rank  # noqa: E402
+from or1_megatron.plan.memory import (  # noqa: E402
+    GIB, activation_bytes_per_token_layer, policy_memory, stage_params_per_rank,
+)
 from or1_megatron.plan.step_time import forward_flops_per_token, matmul_params  # noqa: E402
 
 MODELS = REPO / "configs" / "models"
@@ -114,7 +118,7 @@ def sequences(args: argparse.Namespace, vocab: int) -> list[list[int]]:
 def rank_bench(rank: int, world: int, hf_dir: str, args: argparse.Namespace) -> dict:
     """Build the policy on this rank and time its train steps (CPU figures only leave the rank)."""
     from or1_megatron.config import load_config
-    from or1_megatron.plan.measure import matmul_tflops, reset_peak_rss, status_kib
+    from or1_megatron.plan.measure import matmul_tflops, reset_peak_rss, saved_activation_bytes, status_kib
     from or1_megatron.policy.worker import PolicyWorker
 
     longest = args.sequence_length
@@ -151,8 +155,15 @@ def rank_bench(rank: int, world: int, hf_dir: str, args: argparse.Namespace) -> 
         reserved = torch.cuda.max_memory_reserved(device)
     else:
         peak = reserved = status_kib("VmHWM") * 1024
+    # What one micro-batch's forward keeps for backward, counted tensor by tensor: the planner's
+    # activation term, measured on its own (the peak also holds the state and the kernels' buffers).
+    mb = worker.micro_batches(seqs)[0]
+    model = worker.unwrapped
+    _, activations = saved_activation_bytes(
+        lambda: model(input_ids=mb.tokens, position_ids=mb.position_ids, attention_mask=None,
+                      packed_seq_params=mb.packed_seq_params), exclude=model.parameters())
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    return {"step_s": statistics.median(times), "peak": peak, "reserved": reserved,
+    return {"step_s": statistics.median(times), "peak": peak, "reserved": reserved, "activations": activations,
             "peak_tflops": args.peak_tflops or matmul_tflops(device, dtype),
             "distributed_optimizer": config.parallel.distributed_optimizer}
 
@@ -191,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak memory {peak_gib:.2f} GiB allocated ({result['reserved'] / GIB:.2f} GiB reserved)"
           + (" [CPU resident set: not comparable with the planner]" if args.device == "cpu" else ""))
     print("predicted by the planner (GiB): " + ", ".join(f"{name} {value:.3g}" for name, value in predicted.rows()))
+    layer_bytes = activation_bytes_per_token_layer(arch, args.recompute) * args.micro_batch_tokens * arch.num_layers
+    print(f"activations of one micro-batch's forward: measured {result['activations'] / GIB:.3g} GiB "
+          f"(saved tensors, embedding and final norm included), planner's layers {layer_bytes / GIB:.3g} GiB")
     assumed = Efficiency().train_mfu
     print(f"the planner's step times assume train_mfu {assumed:.3f} (plan.hardware.Efficiency; "
           f"`tools/plan.py --efficiency train_mfu={mfu:.3f}` plans with this run's figure)")
@@ -198,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"RESULT model={args.model} tokens={tokens} micro_batch_tokens={args.micro_batch_tokens} "
           f"recompute={args.recompute} dtype={args.dtype} device={args.device} "
           f"tokens_per_s={tokens / step_s:.1f} mfu={mfu:.4f} peak_gib={peak_gib:.3f} "
-          f"predicted_gib={predicted.total / GIB:.3f} memory_ratio={ratio:.3f}")
+          f"predicted_gib={predicted.total / GIB:.3f} memory_ratio={ratio:.3f} "
+          f"activations_gib={result['activations'] / GIB:.3f} predicted_activations_gib={layer_bytes / GIB:.3f}")
     return 0
 
 
