@@ -22,9 +22,15 @@ def _liger() -> LogprobFn:
 
     def logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
         scaled = hidden if temperature == 1.0 else hidden / temperature
-        # positional: bias, ce_weight, ignore_index, lse_square_scale, label_smoothing, reduction
-        loss = LigerFusedLinearCrossEntropyFunction.apply(scaled, weight, targets, None, None, -100, 0.0, 0.0, "none")
-        return -loss[0]
+        # positional (autograd Functions take no keywords), in liger-kernel 0.8.5's order (the
+        # version ../shared/gpu/pack.sh carries): bias, ce_weight, ignore_index,
+        # lse_square_scale, label_smoothing, reduction
+        out = LigerFusedLinearCrossEntropyFunction.apply(scaled, weight, targets, None, None, -100, 0.0, 0.0, "none")
+        loss = out[0] if isinstance(out, tuple) else out  # (loss, z_loss, accuracy, predicted) in 0.8.5
+        if loss.shape != targets.shape:
+            raise RuntimeError(f"Liger returned a loss of shape {tuple(loss.shape)}, not per token: "
+                               "this liger-kernel's argument order differs from 0.8.5's")
+        return -loss
 
     return logprob
 

@@ -71,11 +71,11 @@ def _row_kernels(impl: str, device: torch.device) -> ModuleType:
 
 
 @functools.lru_cache(maxsize=None)
-def _has_fp32_out_mm(device_type: str, dtype: torch.dtype) -> bool:
+def _has_fp32_out_mm(device: torch.device, dtype: torch.dtype) -> bool:
     # torch.mm(..., out_dtype=fp32) keeps bf16/fp16 logits in fp32 without an fp32 weight copy;
-    # it exists on CUDA only (torch >= 2.8), so probe once and fall back to a cast.
+    # it exists on CUDA only (torch >= 2.8), so probe once per device and fall back to a cast.
     try:
-        a = torch.ones(2, 2, dtype=dtype, device=device_type)
+        a = torch.ones(2, 2, dtype=dtype, device=device)
         torch.mm(a, a, out_dtype=torch.float32)
         return True
     except (RuntimeError, TypeError, NotImplementedError):
@@ -86,20 +86,22 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` as an fp32 tensor, accumulated in fp32 whatever the input dtype."""
     if a.dtype == torch.float32:
         return torch.mm(a, b)
-    if _has_fp32_out_mm(a.device.type, a.dtype):
+    if _has_fp32_out_mm(a.device, a.dtype):
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a, b).float()
 
 
 @functools.lru_cache(maxsize=None)
-def _has_fp32_out_addmm(device_type: str, dtype: torch.dtype) -> bool:
+def _has_fp32_out_addmm(device: torch.device, dtype: torch.dtype) -> bool:
     # torch.addmm(acc, a, b, out_dtype=fp32, out=acc) adds a bf16 product into an fp32 buffer
     # inside the matmul (beta = 1), with no fp32 temporary; CUDA only, like mm's out_dtype.
+    # The probe starts from 1 so that an addmm ignoring what acc held (3 expected, 2 then) is
+    # refused rather than silently keeping only the last chunk's hidden gradient.
     try:
-        acc = torch.zeros(2, 2, dtype=torch.float32, device=device_type)
-        a = torch.ones(2, 2, dtype=dtype, device=device_type)
+        acc = torch.ones(2, 2, dtype=torch.float32, device=device)
+        a = torch.ones(2, 2, dtype=dtype, device=device)
         torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-        return bool(acc[0, 0] == 2.0)
+        return bool((acc == 3.0).all())
     except (RuntimeError, TypeError, NotImplementedError):
         return False
 
@@ -108,7 +110,7 @@ def _add_mm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` into the fp32 tensor ``acc``, accumulated in fp32 whatever the input dtype."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif _has_fp32_out_addmm(a.device.type, a.dtype):
+    elif _has_fp32_out_addmm(a.device, a.dtype):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.add_(_mm_fp32(a, b))

@@ -211,7 +211,8 @@ class PackedCoreAttention(MegatronModule):
             raise ValueError("PackedCoreAttention needs the rotary (cos, sin) that PolicyGPTModel attaches")
         cos, sin = packed_seq_params.rotary_cos_sin
         query, key = apply_rope(query, cos, sin), apply_rope(key, cos, sin)
-        if query.is_cuda and varlen_attention_available():
+        # torch's varlen flash kernel takes fp16/bf16 only: fp32 on a GPU goes per sequence.
+        if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and varlen_attention_available():
             out = varlen_causal_attention(query, key, value, packed_seq_params.cu_seqlens_q,
                                           packed_seq_params.max_seqlen_q, self.softmax_scale)
         else:
