@@ -89,8 +89,13 @@ def test_the_time_limit_checkpoints_requeues_and_resumes_with_the_same_metrics(
         while cluster.slurm.job(job_id)["JobState"] != "PENDING":
             assert time.monotonic() < deadline, job_log.read_text()
             time.sleep(0.5)
+        requeued_second = int(time.time())
         # the requeued run gets its time back, and starts now: Slurm holds a requeued batch job
-        # for two minutes first, which is only test time here
+        # for two minutes first, which is only test time here. But slurmd refuses a credential
+        # created in the same second as (or before) its revocation of the first run's ("Job
+        # credential revoked", seen once): the start must fall in a later second than the requeue.
+        while int(time.time()) <= requeued_second:
+            time.sleep(0.05)
         cluster.slurm.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=30", "StartTime=now")
         deadline = time.monotonic() + 600
         while cluster.slurm.job(job_id)["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):

@@ -6,7 +6,8 @@ The sbatch script of `cluster.slurm_script` runs, with the submitting environmen
            temp dir) in a process group of its own;
   worker   the same for another node, once the head's GCS port accepts connections;
   address  waits for the head's address file and prints `ip:port`;
-  wait     waits until the cluster has N alive nodes.
+  wait     waits until the cluster has N alive nodes;
+  joined   prints the addresses of the nodes alive now (for the message when a node step fails).
 
 `ray start --block` leaves Ray's daemons (GCS, raylet, workers) running when it is killed, and
 they would hold the node after the job; so head/worker end the whole process group when their
@@ -125,22 +126,40 @@ def read_address(temp_dir: str, timeout_s: float) -> str:
     return path.read_text().strip()
 
 
+def _alive_addresses() -> list[str]:
+    import ray
+
+    return sorted(node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive"))
+
+
 def wait_for_nodes(address: str, nodes: int, timeout_s: float) -> int:
     """Alive nodes once there are `nodes` of them; TimeoutError naming the count otherwise."""
-    import ray  # only this subcommand needs the package itself
+    import ray  # only these subcommands need the package itself
 
     deadline = time.monotonic() + timeout_s
     wait_for_port(address, timeout_s)  # ray.init retries an absent GCS for minutes
     ray.init(address=address, logging_level="ERROR", log_to_driver=False)
     try:
         while True:
-            joined = sorted(node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive"))
+            joined = _alive_addresses()
             if len(joined) >= nodes:
                 return len(joined)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(joined)} of {nodes} Ray nodes joined within {timeout_s:.0f} s "
                                    f"(joined: {', '.join(joined) or 'none'})")
             time.sleep(1)
+    finally:
+        ray.shutdown()
+
+
+def joined_nodes(address: str, timeout_s: float) -> list[str]:
+    """The addresses of the nodes alive in the cluster at `address` now."""
+    import ray
+
+    wait_for_port(address, timeout_s)
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    try:
+        return _alive_addresses()
     finally:
         ray.shutdown()
 
@@ -164,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     wait.add_argument("--address", required=True)
     wait.add_argument("--nodes", type=int, required=True)
     wait.add_argument("--timeout", type=float, default=300.0)
+    joined = sub.add_parser("joined")
+    joined.add_argument("--address", required=True)
+    joined.add_argument("--timeout", type=float, default=30.0)
     args = parser.parse_args(argv)
 
     common = ["--block", "--disable-usage-stats"]
@@ -179,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                              *node_resources(args.num_cpus, args.num_gpus), *common])
         if args.command == "address":
             print(read_address(args.temp_dir, args.timeout))
+            return 0
+        if args.command == "joined":
+            print(", ".join(joined_nodes(args.address, args.timeout)) or "none")
             return 0
         alive = wait_for_nodes(args.address, args.nodes, args.timeout)
         print(f"ray_node: {alive} Ray node(s) alive at {args.address}")

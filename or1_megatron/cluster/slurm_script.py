@@ -231,7 +231,9 @@ WAIT_PID=$!
 while alive "$WAIT_PID"; do
   if ! nodes_alive; then
     kill "$WAIT_PID" 2>/dev/null
-    log "a Ray node step exited before all $NUM_NODES node(s) joined:"
+    JOINED=$(timeout 60 "$BIN/python" -m or1_megatron.cluster.ray_node joined --address "$ADDRESS" \
+      --timeout 30 2>/dev/null) || JOINED="unknown: the head did not answer"
+    log "a Ray node step exited before all $NUM_NODES node(s) joined (joined: $JOINED):"
     node_logs
     finish 1
   fi
