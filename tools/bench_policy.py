@@ -28,8 +28,7 @@ Printed, with the formulas:
   activations   = the bytes one micro-batch's forward saves for backward (plan.measure), beside
                   the planner's per-layer figure times the layers
   predicted     = `or1 plan`'s policy memory for this shape and layout (weights, gradients,
-                  optimizer, activations, fused-kernel buffers; without its fixed overhead), and
-                  the train_mfu its step times assume, beside the measured one
+                  optimizer, activations, fused-kernel buffers; without its fixed overhead)
 The last line is machine-readable: ``RESULT model=... tokens_per_s=... mfu=... peak_gib=...
 predicted_gib=... memory_ratio=...`` (memory_ratio = predicted / measured).
 """
@@ -49,8 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from or1_megatron.config.schema import RECOMPUTE_MODES  # noqa: E402
-from or1_megatron.convert.hf_config import load_arch, padded_vocab_size  # noqa: E402
-from or1_megatron.plan.hardware import Efficiency  # noqa: E402
+from or1_megatron.convert.hf_config import load_arch  # noqa: E402
 from or1_megatron.plan.memory import (  # noqa: E402
     GIB, activation_bytes_per_token_layer, policy_memory, stage_params_per_rank,
 )
@@ -130,7 +128,7 @@ def rank_bench(rank: int, world: int, hf_dir: str, args: argparse.Namespace) -> 
         "batch.rollout_prompts=1", "batch.mini_batch_prompts=1", "batch.group_size=1",
     ])
     worker = PolicyWorker(config)
-    device = torch.device(args.device, torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    device = worker.device
     seqs = sequences(args, worker.arch.vocab_size)
     total = sum(len(s) - 1 for s in seqs)
 
@@ -165,7 +163,7 @@ def rank_bench(rank: int, world: int, hf_dir: str, args: argparse.Namespace) -> 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     return {"step_s": statistics.median(times), "peak": peak, "reserved": reserved, "activations": activations,
             "peak_tflops": args.peak_tflops or matmul_tflops(device, dtype),
-            "distributed_optimizer": config.parallel.distributed_optimizer}
+            "distributed_optimizer": config.parallel.distributed_optimizer, "padded_vocab": worker.padded_vocab}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         backend = "nccl" if args.device == "cuda" else "gloo"
         result = run_forked(rank_bench, 1, str(hf_dir), args, backend=backend, timeout_s=3600)[0]
 
-    padded = padded_vocab_size(arch.vocab_size, 128, 1)
+    padded = result["padded_vocab"]
     predicted = policy_memory(arch, tp=1, pp=1, dp=1, micro_batch_tokens=args.micro_batch_tokens,
                               padded_vocab=padded, recompute=args.recompute, sequence_parallel=False,
                               distributed_optimizer=result["distributed_optimizer"])
@@ -205,9 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     layer_bytes = activation_bytes_per_token_layer(arch, args.recompute) * args.micro_batch_tokens * arch.num_layers
     print(f"activations of one micro-batch's forward: measured {result['activations'] / GIB:.3g} GiB "
           f"(saved tensors, embedding and final norm included), planner's layers {layer_bytes / GIB:.3g} GiB")
-    assumed = Efficiency().train_mfu
-    print(f"the planner's step times assume train_mfu {assumed:.3f} (plan.hardware.Efficiency; "
-          f"`tools/plan.py --efficiency train_mfu={mfu:.3f}` plans with this run's figure)")
+    print(f"`tools/plan.py --efficiency train_mfu={mfu:.3f}` plans with this run's MFU; recorded in "
+          "plan/calibration.py, it becomes the planner's default for this GPU")
     ratio = predicted.total / result["peak"]
     print(f"RESULT model={args.model} tokens={tokens} micro_batch_tokens={args.micro_batch_tokens} "
           f"recompute={args.recompute} dtype={args.dtype} device={args.device} "

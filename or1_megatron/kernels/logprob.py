@@ -249,18 +249,16 @@ class _FusedLogprobEntropy(torch.autograd.Function):
         columns = vocab_chunk_columns(tokens, n_cols, hidden.device.type, vocab_chunk)
         inv_temp = 1.0 / float(temperature)
 
-        stats = torch.empty((4, tokens), dtype=torch.float32, device=hidden.device)
+        # The statistics of no columns at all (m = -inf, s = q = zt = 0), which is also what a rank
+        # holding only padding contributes; every chunk is merged into them.
+        stats = torch.zeros((4, tokens), dtype=torch.float32, device=hidden.device)
         stats[0].fill_(float("-inf"))
-        stats[1:].zero_()
         for start in range(0, n_cols, columns):
             stop = min(start + columns, n_cols)
             logits = _mm_fp32(hidden, weight[start:stop].t())
             part = torch.stack(kernels.row_stats(logits, _chunk_targets(local_targets, start, stop), inv_temp))
             del logits
-            if start == 0:
-                stats.copy_(part)
-            else:
-                _merge_(stats, part)
+            _merge_(stats, part)
         logprob, entropy, lse = _combine(stats, tp_group, tp_size)
 
         ctx.save_for_backward(hidden, weight, local_targets, lse, entropy)

@@ -1,7 +1,7 @@
 """Policy training figures measured on real GPUs, which the planner's step times use.
 
-Each entry is one run of `tools/bench_policy.py` (its RESULT line), with the date, the commit and
-what the planner predicted for the same shape. `measured_train_mfu` gives the planner the MFU
+Each entry is one run of `tools/bench_policy.py` (its RESULT line) with its date and commit.
+`measured_train_mfu` gives the planner the MFU
 measured on its GPU (the largest model measured there: MFU grows with model size, so a larger
 plan is estimated conservatively); for a GPU with no entry the planner keeps the assumption in
 `plan.hardware.Efficiency` and says so. New entries come from GPU runs of

@@ -1,15 +1,15 @@
-"""Measured counterparts of the planner's memory figures.
-
-It also measures the matmul peak that MFU figures are divided by (`matmul_tflops`), on the
-device and in the dtype at hand, so a ratio printed by a benchmark is against a number measured
-in the same run.
+"""Measured counterparts of the planner's figures.
 
 The planner predicts what a layer keeps for backward from its shapes (`plan.memory`); this module
 measures it on a real forward, on any device: the bytes of the distinct storages autograd saves,
 parameters excluded, as they stand when the forward returns. Views of one buffer count once,
 with the whole buffer (it stays alive as long as any view is saved); a buffer that selective
-recompute frees after use (megatron resizes its storage to 0) counts nothing. Tests hold the planner to it on CPU; `tools/bench_policy.py` prints
-both beside the GPU's peak memory.
+recompute frees after use (megatron resizes its storage to 0) counts nothing. Tests hold the
+planner to it on CPU; `tools/bench_policy.py` prints both beside the GPU's peak memory.
+
+It also measures the matmul peak that MFU and roofline figures are divided by
+(`matmul_tflops`), on the device and in the dtype at hand, so a ratio a benchmark prints is
+against a number measured in the same run, and reads the CPU's memory high-water mark.
 """
 from __future__ import annotations
 

@@ -40,8 +40,9 @@ from or1_megatron.policy.packing import HostPackedSeqParams
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # model.recompute -> megatron's recompute options. Selective recomputes the norms and the MLP
-# (most of a layer's activations, a third of its FLOPs); recomputing the core attention would
-# save little: the varlen/flash attention already keeps only q, k, v, its output and the lse.
+# (most of a layer's activations, and most of its FLOPs: plan.step_time.recomputed_share);
+# recomputing the core attention would save little: the varlen/flash attention already keeps
+# only q, k, v, its output and the lse.
 RECOMPUTE_ARGS: dict[str, dict] = {
     "none": {},
     "selective": dict(recompute_granularity="selective", recompute_modules=["layernorm", "mlp"]),
